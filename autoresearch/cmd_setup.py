@@ -1,0 +1,100 @@
+"""`autoresearch setup` and `autoresearch run`: prepare once, then run one experiment."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from autoresearch.output import err, fail, info, print_json
+
+BackendOpt = Annotated[Optional[str], typer.Option("--backend", help="Trainer backend: cuda, rocm, mps or mlx (default: detected).")]
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Hardware preset (default: detected; see `autoresearch presets`).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+
+
+def _parse_sets(items: list[str]) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            fail(f"--set expects KEY=VALUE, got {item!r}", "e.g. --set TIME_BUDGET=60")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def setup(
+    backend: BackendOpt = None,
+    preset: PresetOpt = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Data source: climbmix, fineweb-edu, tinystories, builtin or local:PATH (default: the preset's).")] = None,
+    num_shards: Annotated[Optional[int], typer.Option("--num-shards", min=1, help="Training shards to download (default: the preset's).")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Parallel download workers.")] = 8,
+    set_: Annotated[list[str], typer.Option("--set", help="Override an evaluator constant, e.g. --set TIME_BUDGET=120 (starts a new comparison track).")] = [],
+    json_output: JsonOpt = False,
+) -> None:
+    """Download or build the data, train the tokenizer, tokenize once, write the run configuration
+    and the preset's starting constants into the trainer. Safe to re-run: artefacts are reused."""
+    from harness.paths import repo_root
+    from harness.prepare import SetupRequest, run_setup
+
+    request = SetupRequest(root=repo_root(), backend=backend, preset=preset, data=data,
+                           num_shards=num_shards, overrides=_parse_sets(set_), workers=workers)
+    try:
+        config = run_setup(request, log=info)
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        fail(str(exc).strip("'\""), "check the options; `autoresearch detect` shows what was detected")
+    except Exception as exc:  # a download or build failure: say what and keep the traceback out
+        from harness.download import DownloadError
+
+        if isinstance(exc, DownloadError):
+            fail(str(exc))
+        raise
+    if json_output:
+        print_json(json.loads(config.to_json()))
+    else:
+        ev = config.evaluator
+        info(f"[green]ready[/green]: backend {config.backend} on {config.device}, preset {config.preset}, "
+             f"data {ev.DATA_SOURCE}, seq {ev.MAX_SEQ_LEN}, budget {ev.TIME_BUDGET:g} s, "
+             f"unigram baseline {config.unigram_bpb:.4f} bpb")
+        info("next: `autoresearch run`")
+
+
+def run(
+    timeout: Annotated[float, typer.Option("--timeout", min=1, help="Kill the trainer after this many seconds.")] = 600,
+    log: Annotated[Path, typer.Option("--log", help="Where the trainer's output goes.")] = Path("run.log"),
+    json_output: JsonOpt = False,
+) -> None:
+    """Run one experiment with the configured trainer; print its summary (exit 1 on crash,
+    divergence or timeout, with the end of the log)."""
+    from harness.config import default_config_path, load_config
+    from harness.paths import repo_root
+    from harness.runner import run_experiment
+
+    root = repo_root()
+    config_path = default_config_path(root)
+    try:
+        config = load_config(config_path)
+    except FileNotFoundError:
+        fail(f"no run configuration at {config_path}", "run `autoresearch setup` first")
+    log_path = log if log.is_absolute() else root / log
+    info(f"running backends/{config.backend}/train.py ({config.preset}, {config.device}); output in {log_path}")
+    with err.status("starting...") as status:
+        outcome = run_experiment(root, config.backend, config_path, log_path, timeout=timeout,
+                                 on_progress=lambda line: status.update(line[:120] or "starting..."))
+    if json_output:
+        print_json({"status": outcome.status, "reason": outcome.reason, "summary": outcome.summary,
+                    "seconds": round(outcome.seconds, 1), "log": str(log_path)})
+    elif outcome.ok:
+        from harness.budget import format_summary
+
+        print(format_summary(outcome.summary))
+    if not outcome.ok:
+        err.print(outcome.log_tail(20), markup=False, highlight=False)
+        fail(f"run {outcome.status}: {outcome.reason}", f"full log: {log_path}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command(rich_help_panel="Main job")(setup)
+    app.command(rich_help_panel="Main job")(run)
