@@ -22,4 +22,5 @@ def iter_document_batches(files: Sequence[Path]) -> Iterator[list[str]]:
         parquet = pq.ParquetFile(path)
         for i in range(parquet.num_row_groups):
             table = parquet.read_row_group(i, columns=[TEXT_COLUMN])
-            yield [t for t in table.column(TEXT_COLUMN).to_pylist() if t]
+            # Empty texts stay (as BOS-only documents, as upstream); only nulls are dropped.
+            yield [t for t in table.column(TEXT_COLUMN).to_pylist() if t is not None]

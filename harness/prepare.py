@@ -121,7 +121,9 @@ def ensure_tokens(files: list[Path], tokenizer, prefix: Path, log: Log):
     from harness.tokens import TokenFile, write_token_file
 
     try:
-        tokens = TokenFile.open(prefix)
+        tokens = TokenFile.open(prefix, verify=True)
+        if tokens.meta.get("tokenizer") != tokenizer.fingerprint:
+            raise ValueError("made with another tokenizer")
         log(f"tokens: reusing {prefix} ({tokens.num_tokens:,} tokens)")
         return tokens
     except (FileNotFoundError, ValueError, OSError) as exc:

@@ -1,0 +1,127 @@
+"""`autoresearch results`: the experiments of a results.tsv (ours or upstream's) as a table, a
+summary and gains by change; `--json` for tools, `--plot` for upstream's progress figure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from autoresearch.output import fail, info, out, print_json
+
+
+def _default_path() -> Path:
+    from harness.paths import repo_root
+
+    return repo_root() / "results.tsv"
+
+
+def results(
+    path: Annotated[Optional[Path], typer.Argument(help="The results file (default: results.tsv in the repository).")] = None,
+    top: Annotated[Optional[int], typer.Option("--top", min=1, help="Only the N best experiments, lowest val_bpb first.")] = None,
+    kept_only: Annotated[bool, typer.Option("--kept-only", help="Only the kept experiments.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object (rows and summary) on stdout.")] = False,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw the progress figure into this PNG file.")] = None,
+) -> None:
+    """Show a results.tsv: the experiments, kept rate, baseline -> best, gains by change.
+
+    Rows are listed in file order (chronological); `--top N` lists the N lowest val_bpb instead.
+    Reads upstream's 5-column files too."""
+    from loop.results import ResultsReport, plot_progress, read_rows, rows_by_best
+
+    path = path or _default_path()
+    try:
+        rows = read_rows(path)
+    except FileNotFoundError:
+        fail(f"no results file at {path}",
+             "start a session (`autoresearch session start TAG`) and run `autoresearch try` or `autoresearch loop`, "
+             "or pass the path of a results.tsv")
+    summary = ResultsReport.from_rows(rows)
+    numbered = list(enumerate(rows, start=1))
+    shown = [(i, r) for i, r in numbered if r.status == "keep"] if kept_only else numbered
+    if top is not None:
+        order = {id(r): rank for rank, r in enumerate(rows_by_best(r for _, r in shown))}
+        shown = sorted((p for p in shown if id(p[1]) in order), key=lambda p: order[id(p[1])])[:top]
+
+    if plot is not None:
+        try:
+            plot_progress(rows, plot)
+        except ValueError as exc:
+            fail(str(exc), "the plot needs at least one scored experiment")
+        info(f"wrote {plot}")
+
+    if json_output:
+        print_json({"path": str(path),
+                    "rows": [dict(r.to_dict(), index=i) for i, r in shown],
+                    "summary": summary.to_dict()})
+        return
+    _print_table(rows, shown, path)
+    _print_summary(summary)
+
+
+def _print_table(rows: list, shown: list, path: Path) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from loop.results import baseline_of, running_best
+
+    baseline, _ = baseline_of(rows)
+    best_line = running_best(rows)
+    styles = {"keep": "green", "discard": "dim", "crash": "red", "rejected": "magenta", "baseline": "blue"}
+    table = Table(title=f"{path} ({len(shown)} of {len(rows)} rows)", title_justify="left", expand=False)
+    for name, justify in (("#", "right"), ("commit", "left"), ("val_bpb", "right"), ("Δ best", "right"),
+                          ("mem GB", "right"), ("status", "left"), ("description", "left")):
+        table.add_column(name, justify=justify, overflow="fold", no_wrap=name != "description")
+    for index, row in shown:
+        before = best_line[index - 2] if index >= 2 else baseline
+        delta = ""
+        if row.scored and row.status != "baseline" and before is not None:
+            delta = f"{row.val_bpb - before:+.6f}"
+        description = escape(row.description)
+        if row.reason and not row.scored:
+            reason = escape(row.reason)
+            description = f"{description} [dim]({reason})[/dim]" if description else reason
+        style = styles.get(row.status, "")
+        table.add_row(str(index), escape(row.commit), f"{row.val_bpb:.6f}" if row.scored else "-", delta,
+                      f"{row.memory_gb:.1f}" if row.scored else "-",
+                      f"[{style}]{row.status}[/{style}]" if style else row.status, description)
+    out.print(table)
+
+
+def _print_summary(summary) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    counts = (f"{summary.experiments} experiments"
+              + (f" (+{summary.baseline_runs} baseline runs)" if summary.baseline_runs else "")
+              + f", kept {summary.kept}, discarded {summary.discarded}, crashed {summary.crashed}"
+              + (f", rejected {summary.rejected}" if summary.rejected else ""))
+    out.print(counts)
+    if summary.kept_rate is not None:
+        out.print(f"kept rate: {100 * summary.kept_rate:.1f}% (kept / (kept + discarded))")
+    if summary.baseline_bpb is not None and summary.best_bpb is not None:
+        line = f"baseline {summary.baseline_bpb:.6f} -> best {summary.best_bpb:.6f}"
+        if summary.improvement is not None:
+            line += f" (improvement {summary.improvement:.6f}, {summary.improvement_pct:.2f}%)"
+        out.print(line)
+        if summary.best_commit:
+            out.print(f"best: {summary.best_commit} {summary.best_description}", markup=False)
+    if summary.noise_sigma is not None:
+        out.print(f"noise sigma: {summary.noise_sigma:.6f}")
+    if summary.gains:
+        gains = Table(title="Gains by change (biggest first)", title_justify="left")
+        for name, justify in (("#", "right"), ("Δ val_bpb", "right"), ("val_bpb", "right"), ("description", "left")):
+            gains.add_column(name, justify=justify, overflow="fold")
+        for gain in sorted(summary.gains, key=lambda g: g.delta):
+            gains.add_row(str(gain.index), f"{gain.delta:+.6f}", f"{gain.val_bpb:.6f}", escape(gain.description))
+        gains.add_row("", f"{sum(g.delta for g in summary.gains):+.6f}", "", "total over the baseline")
+        out.print(gains)
+    if summary.crashes_by_reason:
+        out.print("crashes by reason:")
+        for reason, count in summary.crashes_by_reason.items():
+            out.print(f"  {count:>3}  {reason}", markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(rich_help_panel="Research loop")(results)
