@@ -182,7 +182,7 @@ def parse_preset(data: dict[str, Any], path: Path) -> Preset:
              f"is {top['name']!r} but must equal the file name {path.stem!r}")
     _require(top["backend"] in BACKENDS, path, "backend",
              f"is {top['backend']!r}; choose one of {', '.join(BACKENDS)}")
-    _require(top["num_shards"] >= 1, path, "num_shards", "must be >= 1")
+    _require(top["num_shards"] >= 1 or top["num_shards"] == -1, path, "num_shards", "must be >= 1 (or -1 for all)")
 
     vendors = match["vendor"] if isinstance(match["vendor"], list) else [match["vendor"]]
     for vendor in vendors:
