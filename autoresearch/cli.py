@@ -16,7 +16,7 @@ app = typer.Typer(
 )
 
 # Modules are registered in the order their commands appear in --help.
-COMMAND_MODULES = ("cmd_detect", "cmd_setup", "cmd_results", "cmd_program")
+COMMAND_MODULES = ("cmd_detect", "cmd_setup", "cmd_session", "cmd_results", "cmd_program")
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"autoresearch.{_name}").register(app)

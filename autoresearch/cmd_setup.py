@@ -34,8 +34,12 @@ def setup(
     set_: Annotated[list[str], typer.Option("--set", help="Override an evaluator constant, e.g. --set TIME_BUDGET=120 (starts a new comparison track).")] = [],
     json_output: JsonOpt = False,
 ) -> None:
-    """Download or build the data, train the tokenizer, tokenize once, write the run configuration
-    and the preset's starting constants into the trainer. Safe to re-run: artefacts are reused."""
+    """Prepare data, tokenizer, token files and the run configuration (safe to re-run).
+
+    Downloads or builds the preset's data, trains the tokenizer, tokenizes once, computes the
+    unigram baseline and writes the preset's starting constants into the trainer. Artefacts that
+    are intact are reused; partial or corrupt ones are rebuilt.
+    """
     from harness.paths import repo_root
     from harness.prepare import SetupRequest, run_setup
 
@@ -66,8 +70,11 @@ def run(
     log: Annotated[Path, typer.Option("--log", help="Where the trainer's output goes.")] = Path("run.log"),
     json_output: JsonOpt = False,
 ) -> None:
-    """Run one experiment with the configured trainer; print its summary (exit 1 on crash,
-    divergence or timeout, with the end of the log)."""
+    """Run one experiment with the configured trainer and print its summary.
+
+    The trainer runs in a subprocess with its output in run.log; it is killed past --timeout.
+    Exits 1 on a crash, divergence or timeout, showing the end of the log.
+    """
     from harness.config import default_config_path, load_config
     from harness.paths import repo_root
     from harness.runner import run_experiment

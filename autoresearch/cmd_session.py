@@ -1,0 +1,265 @@
+"""`autoresearch session start|status|end|resume`, `autoresearch try` and `autoresearch loop`:
+the ratchet's front door. The logic lives in `loop.ratchet`; this module parses options, holds the
+repository lock while something changes, and prints (data on stdout, messages on stderr).
+
+Exit codes: 0 done (whatever the verdict), 1 an error to fix (the message says what),
+2 the frozen evaluator changed (the session is stopped), 130 interrupted with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import sys
+from contextlib import contextmanager
+from typing import Annotated, Callable, Iterator, Optional
+
+import typer
+
+from autoresearch.output import err, fail, info, print_json, warn
+
+session_app = typer.Typer(help="Start, inspect, end or resume the repository's research session.",
+                          no_args_is_help=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+
+
+@contextmanager
+def _guarded(command: str, lock: bool = True) -> Iterator[object]:
+    """Hold the repository lock (if asked) and turn the ratchet's errors into CLI errors."""
+    from harness.paths import repo_root
+    from loop.ratchet import RepoLock, SessionError
+
+    root = repo_root()
+    holder = RepoLock(root, command)
+    try:
+        if lock:
+            holder.acquire()
+        yield holder
+    except SessionError as exc:
+        fail(str(exc), exc.hint, code=exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/yellow]: stopped cleanly; `autoresearch session status` shows where things stand")
+        raise typer.Exit(130)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            fail(f"could not write: {exc}",
+                 "free some space, then run `autoresearch session resume`: the experiment's verdict is kept in "
+                 "the session's journal and is recorded then")
+        raise
+    except Exception as exc:
+        from git import GitCommandError
+
+        if isinstance(exc, GitCommandError):
+            fail(f"git failed: {' '.join(str(a) for a in exc.command)}: {str(exc.stderr).strip()}",
+                 "fix the repository, then `autoresearch session resume` puts it back on the best commit")
+        raise
+    finally:
+        holder.release()
+
+
+def _progress() -> tuple[Callable[[str], None] | None, Callable[[], None]]:
+    """A one-line live status for the trainer's progress on an interactive terminal."""
+    if not err.is_terminal:
+        return None, lambda: None
+    status = err.status("starting...")
+    status.start()
+    return (lambda line: status.update(line[:120] or "running...")), status.stop
+
+
+def _root():
+    from harness.paths import repo_root
+
+    return repo_root()
+
+
+# -- session ------------------------------------------------------------------------------------
+
+@session_app.command("start")
+def start(
+    tag: Annotated[str, typer.Argument(help="Names the session and its branch autoresearch/TAG, e.g. the date: mar5.")],
+    rule: Annotated[str, typer.Option("--rule", help="Keep rule: noise (gain must beat the noise floor) or strict (upstream: any lower score).")] = "noise",
+    z: Annotated[float, typer.Option("--z", help="Noise rule: a gain must beat z sigma of the baseline's spread.")] = 2.0,
+    min_floor: Annotated[float, typer.Option("--min-floor", help="Noise rule: the floor never drops below this (val_bpb).")] = 3e-4,
+    repeats: Annotated[Optional[int], typer.Option("--repeats", min=1, help="Baseline runs that measure the noise (default: the preset's BASELINE_REPEATS).")] = None,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", min=1, help="Hard limit of one trainer run in seconds (default: 2 x TIME_BUDGET + 300).")] = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Create branch autoresearch/TAG from a clean HEAD, freeze the evaluator (a manifest of
+    hashes), and run the unchanged trainer k times to measure the noise floor."""
+    from loop.ratchet import BaselineFailed, Session
+
+    with _guarded(f"autoresearch session start {tag}"):
+        update, stop = _progress()
+        try:
+            session = Session.start(_root(), tag, rule=rule, z=z, min_floor=min_floor, repeats=repeats,
+                                    timeout=timeout, log=info, progress=update)
+        except BaselineFailed as exc:
+            err.print(exc.log_tail, markup=False, highlight=False)
+            raise
+        finally:
+            stop()
+        status = session.status()
+    if json_output:
+        print_json(status)
+        return
+    print(f"session {status['tag']} started on {status['branch']}: baseline val_bpb={status['baseline_bpb']:.6f} "
+          f"over {len(status['baseline_runs'])} run(s), sigma={status['sigma']:.6f}, "
+          f"noise_floor={status['noise_floor']:.6f} ({status['rule']} rule)")
+    info(f"next: edit {status['trainer']} and run `autoresearch try -m \"what changed\"`, "
+         "or let an agent do it: `autoresearch loop --agent mutate`")
+
+
+@session_app.command("status")
+def status(json_output: JsonOpt = False) -> None:
+    """Show the active session: best, noise floor, counts, anything in flight."""
+    from loop.ratchet import Session
+
+    with _guarded("autoresearch session status", lock=False):
+        data = Session.active(_root()).status()
+    if json_output:
+        print_json(data)
+        return
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(data["counts"].items())) or "none"
+    lines = [
+        f"session:      {data['tag']} on {data['branch']} ({data['backend']} / {data['preset']}, {data['device']})",
+        f"trainer:      {data['trainer']}",
+        f"rule:         {data['rule']}" + (f" (z {data['z']:g}, min floor {data['min_floor']:g})" if data["rule"] == "noise" else ""),
+        f"baseline:     {_bpb(data['baseline_bpb'])} (runs: {', '.join(f'{v:.6f}' for v in data['baseline_runs']) or 'none yet'})",
+        f"noise:        sigma {data['sigma']:.6f}, floor {data['noise_floor']:.6f}",
+        f"best:         {_bpb(data['best_bpb'])} at {data['best_commit']}",
+        f"experiments:  {data['experiments']} ({counts})",
+        f"git:          HEAD {data['head']}" + ("" if data["on_branch"] else " (not on the session branch)")
+        + (f", untried changes: {', '.join(data['pending_changes'])}" if data["pending_changes"] else ""),
+    ]
+    if data["in_flight"]:
+        lines.append(f"in flight:    an experiment was interrupted in phase {data['in_flight']}: "
+                     "`autoresearch session resume` finishes it")
+    if data["busy"]:
+        lines.append(f"busy:         {data['busy']}")
+    loop = data.get("loop")
+    if loop:
+        lines.append(f"loop:         {loop.get('agent')}: {loop.get('done', 0)} iteration(s), {loop.get('state')}")
+    print("\n".join(lines))
+
+
+@session_app.command("end")
+def end(json_output: JsonOpt = False) -> None:
+    """End the active session. Its branch, results and logs stay; a new session may start."""
+    from loop.ratchet import Session
+
+    with _guarded("autoresearch session end"):
+        data = Session.active(_root()).end()
+    if json_output:
+        print_json(data)
+        return
+    print(f"session {data['tag']} ended: best val_bpb={_bpb(data['best_bpb'])} at {data['best_commit']} "
+          f"on {data['branch']}, {data['experiments']} experiment(s)")
+
+
+@session_app.command("resume")
+def resume(
+    no_loop: Annotated[bool, typer.Option("--no-loop", help="Only repair the state; do not continue an interrupted loop.")] = False,
+    json_output: JsonOpt = False,
+) -> None:
+    """Continue after a crash, a kill or a reboot: finish or record the experiment in flight,
+    put git back on the best commit, then continue the loop that was running (if any)."""
+    from loop.ratchet import Session, interrupted_loop, read_journal
+
+    with _guarded("autoresearch session resume") as lock:
+        session = Session.active(_root())
+        if read_journal(session.paths) is None:
+            info("nothing was in flight")
+        update, stop = _progress()
+        try:
+            session.recover(log=info, progress=update)
+        finally:
+            stop()
+        plan = None if no_loop else interrupted_loop(session.paths)
+        if plan is not None:
+            info(f"continuing the loop with --agent {plan.agent!r} after {plan.done} iteration(s)")
+            _loop(session, plan, json_output, lock.token, resumed=True)
+        else:
+            data = session.status()
+    if plan is None:
+        if json_output:
+            print_json(data)
+        else:
+            print(f"session {data['tag']}: best val_bpb={_bpb(data['best_bpb'])} at {data['best_commit']}, "
+                  f"{data['experiments']} experiment(s); ready")
+
+
+def _bpb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6f}"
+
+
+# -- try and loop -------------------------------------------------------------------------------
+
+def try_(
+    message: Annotated[str, typer.Option("-m", "--message", help="What the change is (the commit message and the results description).")],
+    json_output: JsonOpt = False,
+) -> None:
+    """Judge the trainer edit in the working tree: verify the frozen evaluator, commit, train with
+    the hard timeout, keep or revert by the session's rule, log the row, print one line."""
+    from loop.ratchet import Session
+
+    with _guarded("autoresearch try"):
+        session = Session.active(_root())
+        update, stop = _progress()
+        try:
+            result = session.try_change(message, log=info, progress=update)
+        finally:
+            stop()
+    if json_output:
+        print_json(result.to_dict())
+    else:
+        print(result.line(), flush=True)
+
+
+def loop(
+    agent: Annotated[str, typer.Option("--agent", help="The agent command line (prompt on stdin, or {prompt_file} in it), or `mutate` for the built-in offline proposer.")],
+    max_iterations: Annotated[Optional[int], typer.Option("--max", min=1, help="Stop after N iterations.")] = None,
+    hours: Annotated[Optional[float], typer.Option("--hours", min=0, help="Stop starting new iterations after H hours.")] = None,
+    agent_timeout: Annotated[float, typer.Option("--agent-timeout", min=1, help="Kill an agent call after S seconds (what it changed is still tried).")] = 1800,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the mutate proposer (default: random).")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object per experiment on stdout (JSON lines).")] = False,
+) -> None:
+    """Run experiments until --max or --hours: the agent edits the trainer, the harness tries it.
+    Never stops on its own otherwise, except when the frozen evaluator changes. Ctrl-C stops
+    cleanly; after a crash or a reboot, `autoresearch session resume` continues."""
+    from loop.ratchet import LoopPlan, Session
+
+    if not agent.strip():
+        fail("--agent is empty", "pass an agent command line, e.g. --agent 'claude -p', or --agent mutate")
+    with _guarded(f"autoresearch loop --agent {agent}") as lock:
+        session = Session.active(_root())
+        plan = LoopPlan(agent=agent.strip(), max_iterations=max_iterations, hours=hours,
+                        agent_timeout=agent_timeout, seed=seed)
+        _loop(session, plan, json_output, lock.token)
+
+
+def _loop(session, plan, json_output: bool, token: str, resumed: bool = False) -> None:
+    from loop.ratchet import run_loop
+
+    def emit(result) -> None:
+        if json_output:
+            sys.stdout.write(json.dumps(result.to_dict(), default=str) + "\n")
+        else:
+            sys.stdout.write(result.line() + "\n")
+        sys.stdout.flush()
+
+    update, stop = _progress()
+    try:
+        why = run_loop(session, plan, emit, log=info, progress=update, lock_token=token, resumed=resumed)
+    finally:
+        stop()
+    status = session.status()
+    info(f"loop done: {why}; best val_bpb {_bpb(status['best_bpb'])} at {status['best_commit']}")
+    if status["counts"].get("crash", 0) and status["experiments"] == status["counts"]["crash"]:
+        warn("every experiment crashed: look at the logs in " + str(session.paths.logs))
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(session_app, name="session", rich_help_panel="Research loop")
+    app.command("try", rich_help_panel="Research loop")(try_)
+    app.command("loop", rich_help_panel="Research loop")(loop)
