@@ -304,82 +304,8 @@ def test_schedules():
 
 # -- platform choices --------------------------------------------------------------------------
 
-def test_dtype_choice():
-    assert tr.choose_dtype("cuda", True)[0] == torch.bfloat16
-    dtype, why = tr.choose_dtype("cuda", False)
-    assert dtype == torch.float32 and "pre-Ampere" in why
-    assert tr.choose_dtype("cpu", True)[0] == torch.bfloat16
-    dtype, why = tr.choose_dtype("cpu", False)
-    assert dtype == torch.float32 and "bf16" in why
-    assert tr.choose_dtype("cuda", True, "fp32") == (torch.float32, "AUTORESEARCH_DTYPE=fp32")
-    with pytest.raises(ValueError, match="bf16 or fp32"):
-        tr.choose_dtype("cpu", True, "fp16")
-
-
-def _unreachable():
-    raise AssertionError("the compile probe must not run here")
-
-
-def test_compile_choice():
-    on, why = tr.choose_compile("cpu", _unreachable)
-    assert not on and "AUTORESEARCH_COMPILE=1" in why
-    assert tr.choose_compile("cuda", _unreachable, "0") == (False, "AUTORESEARCH_COMPILE=0")
-
-    def no_triton():
-        raise RuntimeError("no working Triton installation (native Windows has none)")
-
-    on, why = tr.choose_compile("cuda", no_triton)
-    assert not on and "Triton" in why
-    on, why = tr.choose_compile("cuda", lambda: None)
-    assert on and "probe passed" in why
-    on, why = tr.choose_compile("cpu", lambda: None, "1")
-    assert on and "AUTORESEARCH_COMPILE=1" in why
-    with pytest.raises(ValueError, match="use 0 or 1"):
-        tr.choose_compile("cuda", lambda: None, "yes")
-
-
-def test_flash_attention_is_never_tried_off_cuda_or_in_fp32():
-    for args, text in [(("cpu", False, torch.bfloat16, None), "CUDA-only"),
-                       (("cuda", True, torch.bfloat16, (9, 4)), "ROCm"),
-                       (("cuda", False, torch.float32, (8, 0)), "fp32")]:
-        fa3, why = tr.load_flash_attention(*args, get_kernel=_unreachable)
-        assert fa3 is None and text in why
-
-
-class _Kernel:
-    """What `kernels.get_kernel` returns: an object with a `flash_attn_interface`."""
-
-    def __init__(self, flash_attn_func):
-        self.flash_attn_interface = type("Interface", (), {"flash_attn_func": staticmethod(flash_attn_func)})
-
-
-def test_flash_attention_falls_back_when_the_hub_or_the_first_call_fails():
-    requested = []
-
-    def hub_unreachable(repo):
-        requested.append(repo)
-        raise ConnectionError("Name or service not known")
-
-    fa3, why = tr.load_flash_attention("cuda", False, torch.bfloat16, (9, 0), get_kernel=hub_unreachable)
-    assert fa3 is None and "ConnectionError" in why and requested == ["varunneal/flash-attention-3"]
-    tr.load_flash_attention("cuda", False, torch.bfloat16, (8, 9), get_kernel=hub_unreachable)
-    assert requested[-1] == "kernels-community/flash-attn3"
-
-    def no_kernel_image(*args, **kwargs):  # consumer Blackwell: loads, then fails at the first call
-        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
-
-    fa3, why = tr.load_flash_attention("cuda", False, torch.bfloat16, (12, 0), device="cpu",
-                                       get_kernel=lambda r: _Kernel(no_kernel_image))
-    assert fa3 is None and "no kernel image" in why
-
-
-def test_flash_attention_verification_checks_the_window_semantics():
-    correct = lambda q, k, v, causal, window_size: tr.attention(q, k, v, window_size[0])
-    tr.verify_flash_attention(_Kernel(correct).flash_attn_interface, device="cpu")
-    full_causal = lambda q, k, v, causal, window_size: tr.attention(q, k, v, q.size(1))
-    with pytest.raises(RuntimeError, match="disagrees"):
-        tr.verify_flash_attention(_Kernel(full_causal).flash_attn_interface, device="cpu")
-
+# (the choices themselves, FA3, compile, dtype and the OOM ladder, are tested in test_platform.py
+# through harness.platform, which makes them for every torch trainer)
 
 def test_detect_platform_on_cpu_picks_sdpa_and_says_why(monkeypatch, capsys):
     monkeypatch.delenv("AUTORESEARCH_COMPILE", raising=False)

@@ -13,13 +13,10 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import functools
 import gc
-import platform as host
-import shutil
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -29,6 +26,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from harness.context import load_context  # noqa: E402
 from harness.flops import peak_flops  # noqa: E402
+from harness.platform import (  # noqa: E402
+    check_batch_sizes, choose_attention, choose_compile, choose_dtype, free_device_memory, probe_compile,
+    process_peak_rss_mb, run_with_oom_ladder, torch_facts,
+)
 
 # ---------------------------------------------------------------------------
 # Hyperparameters (edit these directly)
@@ -55,126 +56,11 @@ SEED = 42  # torch RNG seed (init); data order is fixed by the harness
 # ---------------------------------------------------------------------------
 # Platform
 # ---------------------------------------------------------------------------
-# Every automatic choice is made by a small function that takes the hardware facts as inputs (so it
-# can be tested on any machine) and returns (choice, reason); detect_platform() prints each once.
+# Every automatic choice is made by the frozen harness.platform from the hardware facts (so the
+# fall-backs are tested on any machine) and comes with its reason; detect_platform() prints each once.
 # Overrides: AUTORESEARCH_COMPILE=0/1 forces torch.compile off/on, AUTORESEARCH_DTYPE=bf16/fp32 the dtype.
 
-
-def _why(e: Exception) -> str:
-    """An exception as a one-line reason."""
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:160]}" if lines else type(e).__name__
-
-
-def choose_dtype(device_type: str, bf16_native: bool, override: str | None = None) -> tuple[torch.dtype, str]:
-    """bf16 autocast where the hardware does bf16 natively, fp32 (no autocast) elsewhere."""
-    if override:
-        names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
-        if override.lower() not in names:
-            raise ValueError(f"AUTORESEARCH_DTYPE={override!r} is not understood: use bf16 or fp32")
-        return names[override.lower()], f"AUTORESEARCH_DTYPE={override}"
-    if bf16_native and device_type == "cuda":
-        return torch.bfloat16, "the GPU computes bf16 natively"
-    if bf16_native:  # measured on a 2-core EPYC with avx512_bf16: cpu-tiny steps ~1.3x faster than fp32
-        return torch.bfloat16, "this CPU computes bf16 natively (avx512_bf16/amx_bf16): faster than fp32"
-    if device_type == "cuda":
-        return torch.float32, "this GPU has no native bf16 (pre-Ampere); training in fp32"
-    return torch.float32, "this CPU has no native bf16 (no avx512_bf16/amx_bf16); emulated bf16 is slower than fp32"
-
-
-def choose_compile(device_type: str, probe: Callable[[], None], override: str | None = None) -> tuple[bool, str]:
-    """torch.compile where a real compile-and-run probe passes; eager otherwise. Off by default on CPU:
-    inductor there takes 30-60 s cold (~10 s warm) before the first step, which is more than a short
-    run gains (on a 2-core EPYC it made cpu-tiny steps ~2x faster, so long CPU runs may want it)."""
-    if override not in (None, "", "0", "1"):
-        raise ValueError(f"AUTORESEARCH_COMPILE={override!r} is not understood: use 0 or 1")
-    if override == "0":
-        return False, "AUTORESEARCH_COMPILE=0"
-    if device_type == "cpu" and override != "1":
-        return False, "CPU: inductor's 30-60 s cold compile outweighs its gain on short runs (AUTORESEARCH_COMPILE=1 for long ones)"
-    if device_type not in ("cuda", "cpu"):
-        return False, f"torch.compile is not reliable on {device_type}"
-    t0 = time.perf_counter()
-    try:
-        probe()
-    except Exception as e:  # any failure of the toolchain means eager, never a crash mid-run
-        return False, f"compile probe failed ({_why(e)})"
-    forced = " (AUTORESEARCH_COMPILE=1)" if override == "1" else ""
-    return True, f"compile probe passed in {time.perf_counter() - t0:.1f}s{forced}"
-
-
-def probe_compile(device: torch.device) -> None:
-    """Compile and run a tiny function on `device`; raises if the toolchain does not work."""
-    if device.type == "cuda":
-        from torch.utils._triton import has_triton
-        if not has_triton():
-            raise RuntimeError("no working Triton installation (native Windows has none)")
-    elif not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
-        raise RuntimeError("no C++ compiler on PATH for inductor's CPU backend")
-    fn = torch.compile(lambda x: torch.relu(x).square() * 2 + 1, dynamic=False, fullgraph=True)
-    x = torch.linspace(-1, 1, 64, device=device)
-    if not torch.allclose(fn(x), torch.relu(x).square() * 2 + 1):
-        raise RuntimeError("compiled probe gave a wrong result")
-
-
-def verify_flash_attention(fa3: Any, device: str = "cuda") -> None:
-    """One real call on small tensors, checked against SDPA. Some GPUs (consumer Blackwell sm_120)
-    load the kernel fine and then fail at the first call; this catches that before training."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    q, k, v = (torch.randn(2, 64, 2, 32, generator=g).to(device, torch.bfloat16) for _ in range(3))
-    out = fa3.flash_attn_func(q, k, v, causal=True, window_size=(16, 0))
-    out = out[0] if isinstance(out, tuple) else out  # some builds also return the log-sum-exp
-    ref = attention(q, k, v, window=16)
-    if out.shape != ref.shape or not torch.allclose(out.float(), ref.float(), atol=3e-2, rtol=3e-2):
-        raise RuntimeError("flash_attn_func disagrees with SDPA on a sliding-window test")
-
-
-def load_flash_attention(device_type: str, is_hip: bool, dtype: torch.dtype,
-                         capability: tuple[int, int] | None, device: str = "cuda",
-                         get_kernel: Callable[[str], Any] | None = None) -> tuple[Any, str]:
-    """Flash Attention 3 from the `kernels` Hub package where it verifiably works, else None (SDPA)."""
-    if device_type != "cuda":
-        return None, f"device is {device_type}; FA3 kernels are CUDA-only"
-    if is_hip:
-        return None, "ROCm build (torch.version.hip); FA3 kernels are CUDA-only"
-    if dtype != torch.bfloat16:
-        return None, "training in fp32; FA3 needs bf16"
-    if get_kernel is None:
-        try:
-            from kernels import get_kernel
-        except ImportError:
-            return None, "the `kernels` package is not installed (pip install kernels)"
-    repo = "varunneal/flash-attention-3" if capability == (9, 0) else "kernels-community/flash-attn3"
-    try:
-        fa3 = get_kernel(repo).flash_attn_interface
-        verify_flash_attention(fa3, device)
-    except Exception as e:  # no Hub, no kernel for this GPU, or a kernel that fails its first call
-        return None, f"{repo} unusable here ({_why(e)})"
-    return fa3, f"{repo}, verified by a test call on this GPU"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return host.processor() or host.machine() or "cpu"
-
-
-def cpu_has_native_bf16() -> bool:
-    caps = getattr(torch.cpu, "get_capabilities", lambda: {})()
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
-
-
-def process_peak_rss_mb() -> float | None:
-    try:
-        import resource  # not on Windows
-    except ImportError:
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024 / 1024 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -197,6 +83,9 @@ class Platform:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
+    def free_memory(self) -> None:
+        free_device_memory(self.device.type)
+
     def peak_memory_mb(self) -> float | None:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated() / 1024 / 1024
@@ -210,26 +99,18 @@ def detect_platform(requested: str) -> Platform:
                          "install a CUDA build of torch, or set AUTORESEARCH_DEVICE=cpu")
     if device.type not in ("cuda", "cpu"):
         raise SystemExit(f"device {requested!r} is not supported by this trainer: use backends/mps or backends/rocm")
-    is_hip = torch.version.hip is not None
-    if device.type == "cuda":
-        if device.index is not None:
-            torch.cuda.set_device(device)  # so synchronize() and memory stats follow cuda:N
-        name = torch.cuda.get_device_name(device)
-        capability = torch.cuda.get_device_capability(device)
-        try:
-            bf16_native = torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # older torch has no including_emulation
-            bf16_native = torch.cuda.is_bf16_supported()
-    else:
-        name, capability, bf16_native = cpu_name(), None, cpu_has_native_bf16()
-    dtype, dtype_why = choose_dtype(device.type, bf16_native, os.environ.get("AUTORESEARCH_DTYPE"))
-    compile_on, compile_why = choose_compile(device.type, lambda: probe_compile(device), os.environ.get("AUTORESEARCH_COMPILE"))
-    fa3, attn_why = load_flash_attention(device.type, is_hip, dtype, capability, str(device))
-    print(f"Device: {device} ({name}{', ROCm' if is_hip else ''})")
-    print(f"  dtype:     {'bf16 autocast' if dtype == torch.bfloat16 else 'fp32'}: {dtype_why}")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # so synchronize() and memory stats follow cuda:N
+    facts = torch_facts(str(device))
+    dtype_name, dtype_why = choose_dtype(facts)
+    compile_on, compile_why = choose_compile(facts, lambda: probe_compile(str(device)))
+    fa3, attn_why = choose_attention(facts, dtype_name, str(device))
+    print(f"Device: {device} ({facts.device_name}{', ROCm' if facts.is_hip else ''}; {facts.host})")
+    print(f"  dtype:     {'bf16 autocast' if dtype_name == 'bf16' else 'fp32'}: {dtype_why}")
     print(f"  compile:   {'on' if compile_on else 'off (eager)'}: {compile_why}")
     print(f"  attention: {'FA3' if fa3 is not None else 'SDPA'}: {attn_why}")
-    return Platform(device=device, dtype=dtype, compile=compile_on, flash_attn=fa3, device_name=name)
+    return Platform(device=device, dtype=DTYPES[dtype_name], compile=compile_on, flash_attn=fa3,
+                    device_name=facts.device_name)
 
 # ---------------------------------------------------------------------------
 # Model
@@ -703,14 +584,10 @@ def main() -> None:
     num_flops_per_token = model.estimate_flops()
     print(f"Estimated FLOPs per token: {num_flops_per_token:e}")
 
-    # A seam for an out-of-memory ladder: everything below depends on this one local.
-    device_batch_size = DEVICE_BATCH_SIZE
-    tokens_per_fwdbwd = device_batch_size * T
-    if TOTAL_BATCH_SIZE % tokens_per_fwdbwd:
-        raise SystemExit(f"TOTAL_BATCH_SIZE ({TOTAL_BATCH_SIZE}) must be a multiple of DEVICE_BATCH_SIZE * "
-                         f"MAX_SEQ_LEN ({device_batch_size} * {T} = {tokens_per_fwdbwd}): change one of the two")
-    grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_fwdbwd
-
+    try:
+        check_batch_sizes(DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE, T)
+    except ValueError as e:
+        raise SystemExit(str(e))
     optimizer = setup_optimizer(model, compiled=plat.compile, polar_dtype=plat.polar_dtype)
     train_model = torch.compile(model, dynamic=False) if plat.compile else model
 
@@ -722,17 +599,34 @@ def main() -> None:
             t = t.pin_memory().to(plat.device, non_blocking=True)
         return t.long()
 
-    batches = ctx.train_batches(device_batch_size)
-
-    def next_batch():
+    def next_batch(batches):
         x, y = next(batches)
         return to_device(x), to_device(y)
 
-    x, y = next_batch()  # prefetch the first batch
+    def first_micro_step(device_batch_size):
+        """One forward and backward at this micro-batch size (training's memory peak; the gradients
+        are dropped again). Returns the batch stream at that size and its first batch, not yet used."""
+        batches = ctx.train_batches(device_batch_size)
+        try:
+            x, y = next_batch(batches)
+            with plat.autocast():
+                train_model(x, y).backward()
+        except BaseException:
+            batches.close()  # stops its loader thread
+            raise
+        finally:
+            model.zero_grad(set_to_none=True)
+        return batches, x, y
+
+    # Out of memory at start-up (a card smaller than the preset assumed): halve DEVICE_BATCH_SIZE,
+    # keeping TOTAL_BATCH_SIZE through more accumulation, and say so, instead of crashing the run.
+    device_batch_size, (batches, x, y) = run_with_oom_ladder(
+        first_micro_step, DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE, T, free_memory=plat.free_memory)
+    grad_accum_steps = TOTAL_BATCH_SIZE // (device_batch_size * T)
     budget = ctx.budget
     peak = peak_flops(plat.device_name)
     print(f"Time budget: {ctx.TIME_BUDGET}s")
-    print(f"Gradient accumulation steps: {grad_accum_steps}")
+    print(f"Gradient accumulation steps: {grad_accum_steps} (DEVICE_BATCH_SIZE={device_batch_size})")
 
     smooth_train_loss = 0.0
     while not budget.done:
@@ -744,7 +638,7 @@ def main() -> None:
                 loss = train_model(x, y)
             train_loss = loss.detach()
             (loss / grad_accum_steps).backward()
-            x, y = next_batch()
+            x, y = next_batch(batches)
         progress = budget.progress
         lrm = apply_schedules(optimizer, step, progress)
         optimizer.step()
