@@ -3,7 +3,6 @@ noise floor, memory ceiling, best, what has been tried), printed or written to a
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -21,6 +20,7 @@ def program(
 
     The facts come from the run configuration, the active session and results.tsv; before a
     session, facts not measured yet are said to be so."""
+    from harness.files import atomic_write_text
     from harness.paths import repo_root
     from loop.agents import fill_facts, render_facts
 
@@ -36,10 +36,7 @@ def program(
     if output.resolve() == template.resolve():
         fail("refusing to overwrite program.md: it is the template (frozen during a session)",
              "print it, or write the filled copy elsewhere, e.g. --output /tmp/program.md")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text(filled, encoding="utf-8")
-    os.replace(tmp, output)
+    atomic_write_text(output, filled)
     info(f"wrote {output}")
 
 
@@ -47,7 +44,7 @@ def gather_facts(root: Path, program_text: str, results_path: Path | None = None
     """PromptFacts for this repository from what exists: the run config (after `setup`), the
     active session, the results file. Missing pieces stay unknown instead of failing."""
     from harness.config import default_config_path, load_config
-    from loop.agents import facts_from_rows
+    from loop.agents import facts_from_rows, memory_ceiling_gb
     from loop.results import read_rows
 
     session = _session_facts(root)
@@ -74,7 +71,7 @@ def gather_facts(root: Path, program_text: str, results_path: Path | None = None
         "time_budget": config.evaluator.TIME_BUDGET if config else None,
         "noise_floor": session.get("noise_floor"),
         "rule": session.get("rule", ""),
-        "memory_ceiling_gb": session.get("memory_ceiling_gb") or _memory_ceiling_gb(device),
+        "memory_ceiling_gb": session.get("memory_ceiling_gb") or memory_ceiling_gb(device),
     }
     if session.get("noise_sigma") is not None:
         extra["noise_sigma"] = session["noise_sigma"]
@@ -123,23 +120,6 @@ def _current_branch(root: Path) -> str | None:
     if done.returncode != 0:
         return None  # a detached HEAD or not a git repository
     return done.stdout.strip() or None
-
-
-def _memory_ceiling_gb(device: str) -> float | None:
-    """The memory of the device experiments run on: the accelerator's, or the RAM for `cpu`."""
-    if not device:
-        return None
-    try:
-        from harness.detect import probe
-        from harness.presets import memory_gb, primary_accelerator
-
-        report = probe(frameworks=False)
-        if device == "cpu":
-            return memory_gb(report.cpu.ram_bytes) if report.cpu.ram_bytes else None
-        accelerator = primary_accelerator(report)
-        return accelerator.memory_gb if accelerator else None
-    except Exception:  # a fact we can go without; never a reason to fail
-        return None
 
 
 def register(app: typer.Typer) -> None:

@@ -1,6 +1,7 @@
 """`autoresearch session start|status|end|resume`, `autoresearch try` and `autoresearch loop`:
-the ratchet's front door. The logic lives in `loop.ratchet`; this module parses options, holds the
-repository lock while something changes, and prints (data on stdout, messages on stderr).
+the ratchet's front door. The logic lives in `loop.ratchet` (sessions) and `loop.driver` (the
+loop); this module parses options, holds the repository lock while something changes, and prints
+(data on stdout, messages on stderr).
 
 Exit codes: 0 done (whatever the verdict), 1 an error to fix (the message says what),
 2 the frozen evaluator changed (the session is stopped), 130 interrupted with Ctrl-C.
@@ -28,7 +29,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on 
 def _guarded(command: str, lock: bool = True) -> Iterator[object]:
     """Hold the repository lock (if asked) and turn the ratchet's errors into CLI errors."""
     from harness.paths import repo_root
-    from loop.ratchet import RepoLock, SessionError
+    from loop.errors import SessionError
+    from loop.lock import RepoLock
 
     root = repo_root()
     holder = RepoLock(root, command)
@@ -85,9 +87,12 @@ def start(
     timeout: Annotated[Optional[float], typer.Option("--timeout", min=1, help="Hard limit of one trainer run in seconds (default: 2 x TIME_BUDGET + 300).")] = None,
     json_output: JsonOpt = False,
 ) -> None:
-    """Create branch autoresearch/TAG from a clean HEAD, freeze the evaluator (a manifest of
-    hashes), and run the unchanged trainer k times to measure the noise floor."""
-    from loop.ratchet import BaselineFailed, Session
+    """Start a session: its own branch, a frozen evaluator and a measured baseline.
+
+    Creates branch autoresearch/TAG from a clean HEAD, freezes the evaluator (a manifest of
+    hashes), and runs the unchanged trainer k times to measure the noise floor."""
+    from loop.errors import BaselineFailed
+    from loop.ratchet import Session
 
     with _guarded(f"autoresearch session start {tag}"):
         update, stop = _progress()
@@ -145,7 +150,9 @@ def status(json_output: JsonOpt = False) -> None:
 
 @session_app.command("end")
 def end(json_output: JsonOpt = False) -> None:
-    """End the active session. Its branch, results and logs stay; a new session may start."""
+    """End the active session.
+
+    Its branch, results and logs stay; a new session may start."""
     from loop.ratchet import Session
 
     with _guarded("autoresearch session end"):
@@ -162,9 +169,13 @@ def resume(
     no_loop: Annotated[bool, typer.Option("--no-loop", help="Only repair the state; do not continue an interrupted loop.")] = False,
     json_output: JsonOpt = False,
 ) -> None:
-    """Continue after a crash, a kill or a reboot: finish or record the experiment in flight,
-    put git back on the best commit, then continue the loop that was running (if any)."""
-    from loop.ratchet import Session, interrupted_loop, read_journal
+    """Continue after a crash, a kill or a reboot.
+
+    Finishes or records the experiment in flight, puts git back on the best commit, then
+    continues the loop that was running (if any)."""
+    from loop.driver import interrupted_loop
+    from loop.journal import read_journal
+    from loop.ratchet import Session
 
     with _guarded("autoresearch session resume") as lock:
         session = Session.active(_root())
@@ -199,8 +210,10 @@ def try_(
     message: Annotated[str, typer.Option("-m", "--message", help="What the change is (the commit message and the results description).")],
     json_output: JsonOpt = False,
 ) -> None:
-    """Judge the trainer edit in the working tree: verify the frozen evaluator, commit, train with
-    the hard timeout, keep or revert by the session's rule, log the row, print one line."""
+    """Judge the trainer edit in the working tree: keep it or revert it.
+
+    Verifies the frozen evaluator, commits, trains with the hard timeout, keeps or reverts by the
+    session's rule, logs the row and prints one line."""
     from loop.ratchet import Session
 
     with _guarded("autoresearch try"):
@@ -224,10 +237,12 @@ def loop(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the mutate proposer (default: random).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object per experiment on stdout (JSON lines).")] = False,
 ) -> None:
-    """Run experiments until --max or --hours: the agent edits the trainer, the harness tries it.
+    """Run experiments until --max or --hours: the agent edits, the harness tries.
+
     Never stops on its own otherwise, except when the frozen evaluator changes. Ctrl-C stops
     cleanly; after a crash or a reboot, `autoresearch session resume` continues."""
-    from loop.ratchet import LoopPlan, Session
+    from loop.driver import LoopPlan
+    from loop.ratchet import Session
 
     if not agent.strip():
         fail("--agent is empty", "pass an agent command line, e.g. --agent 'claude -p', or --agent mutate")
@@ -239,7 +254,7 @@ def loop(
 
 
 def _loop(session, plan, json_output: bool, token: str, resumed: bool = False) -> None:
-    from loop.ratchet import run_loop
+    from loop.driver import run_loop
 
     def emit(result) -> None:
         if json_output:

@@ -11,6 +11,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from harness.files import atomic_write_text
 from harness.paths import repo_root, state_dir
 
 CONFIG_ENV = "AUTORESEARCH_CONFIG"
@@ -52,6 +53,7 @@ class RunConfig:
     tokens_dir: str
     unigram_bpb: float
     reasons: dict[str, str] = field(default_factory=dict)
+    val_file: str = ""  # the validation parquet shard ("" in configs written before it was recorded)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -68,10 +70,7 @@ def default_config_path(root: Path | None = None) -> Path:
 
 
 def save_config(config: RunConfig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(config.to_json())
-    os.replace(tmp, path)
+    atomic_write_text(path, config.to_json())
 
 
 def load_config(path: Path | None = None) -> RunConfig:

@@ -21,6 +21,7 @@ import numpy as np
 
 from harness.budget import Budget, format_summary
 from harness.config import RunConfig, load_config
+from harness.files import atomic_write_text
 from harness.flops import mfu_percent
 
 RESULT_ENV = "AUTORESEARCH_RESULT"   # where the runner wants the JSON result
@@ -125,9 +126,7 @@ class TrainingContext:
         if not path:
             return
         payload = {"nonce": os.environ.get(NONCE_ENV, ""), "summary": summary}
-        tmp = Path(path).with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload))
-        os.replace(tmp, path)
+        atomic_write_text(Path(path), json.dumps(payload))
 
 
 def load_context(config_path: Path | None = None) -> TrainingContext:

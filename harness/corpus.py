@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from harness.download import InvalidFile, validate_parquet
+from harness.files import atomic_write_text
 
 CORPUS_FORMAT = 1  # bump when the collection or split rules change: old shards are rebuilt
 MIN_DOCSTRING_CHARS = 40  # shorter docstrings ("Return self.") are mostly boilerplate
@@ -217,7 +218,5 @@ def build_builtin_corpus(directory: Path, train_shards: int = TRAIN_SHARDS) -> B
         "train_documents": corpus.train_documents, "val_documents": corpus.val_documents,
         "chars": corpus.chars, "sha256": corpus.sha256,
     }
-    tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, directory / MANIFEST)
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return corpus

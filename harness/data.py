@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Iterator
 
 from harness.download import DownloadJob, InvalidFile, download_files, validate_parquet
+from harness.files import atomic_write_text
 from harness.paths import cache_dir
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -384,6 +385,4 @@ def _write_documents(documents: Iterator[str], path: Path) -> int:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

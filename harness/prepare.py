@@ -95,7 +95,7 @@ def run_setup(request: SetupRequest, log: Log = _stderr) -> RunConfig:
     config = RunConfig(
         backend=choice.backend, device=choice.device, preset=preset.name, evaluator=evaluator,
         data_dir=str(split.directory), tokenizer_dir=str(tokenizer_dir), tokens_dir=str(tokens_dir),
-        unigram_bpb=unigram, reasons=dict(choice.reasons),
+        unigram_bpb=unigram, reasons=dict(choice.reasons), val_file=str(split.val_file),
     )
     save_config(config, default_config_path(request.root))
     return config

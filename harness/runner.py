@@ -25,6 +25,7 @@ from typing import Callable
 from harness.config import CONFIG_ENV
 from harness.context import DEVICE_ENV, DIVERGED_EXIT_CODE, NONCE_ENV, RESULT_ENV
 from harness.paths import trainer_path
+from harness.processes import kill_process_tree, new_process_group
 
 DEFAULT_TIMEOUT = 600.0
 _VAL_BPB_LINE = re.compile(r"^val_bpb:\s*(\S+)\s*$", re.MULTILINE)
@@ -67,9 +68,12 @@ def run_experiment(
     device: str | None = None,
     extra_env: dict[str, str] | None = None,
     on_progress: Callable[[str], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> RunOutcome:
     """Run `backends/<backend>/train.py` of `root` to completion or timeout; never raises for a
-    failing trainer (that is an outcome, not an error)."""
+    failing trainer (that is an outcome, not an error). `on_start` gets the trainer's pid as soon
+    as it exists (the ratchet journals it, to stop the trainer should this process die);
+    `on_progress` gets its latest log line about twice a second."""
     script = trainer_path(root, backend)
     result_path = log_path.with_name(log_path.name + ".result.json")
     result_path.unlink(missing_ok=True)
@@ -80,16 +84,18 @@ def run_experiment(
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, str(script)], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, **_new_process_group(),
+            stdin=subprocess.DEVNULL, **new_process_group(),
         )
         try:
+            if on_start:
+                on_start(proc.pid)
             returncode = _wait(proc, start + timeout, log_path, on_progress)
             if returncode is None:
-                _kill_tree(proc)
+                kill_process_tree(proc)
                 return RunOutcome("timeout", f"timed out after {timeout:.0f} s (killed)", None, None,
                                   time.monotonic() - start, log_path)
         except BaseException:
-            _kill_tree(proc)  # Ctrl-C or a dying loop must not leave a trainer running
+            kill_process_tree(proc)  # Ctrl-C or a dying loop must not leave a trainer running
             raise
     seconds = time.monotonic() - start
     return judge(returncode, log_path, result_path, nonce, seconds)
@@ -197,21 +203,3 @@ def _child_env(root: Path, config_path: Path, result_path: Path, nonce: str, dev
         env[DEVICE_ENV] = device
     env.update(extra_env or {})
     return env
-
-
-def _new_process_group() -> dict:
-    if os.name == "nt":
-        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
-    return {"start_new_session": True}
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """Kill the trainer and everything it started."""
-    if os.name == "nt":
-        subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True)
-    else:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()

@@ -9,12 +9,12 @@ tree an agent edits, in `state_dir(root)/sessions/TAG/`:
                    (passed to the trainer through AUTORESEARCH_CONFIG; a later `setup` cannot move it)
     manifest.json  SHA-256 of every frozen file, taken when the session started
     results.tsv    the session's ledger (the repository's results.tsv is a copy of it)
-    journal.json   the experiment in flight, if any (see loop.ratchet)
+    journal.json   the experiment in flight, if any (see loop.journal)
     logs/          one trainer log per run
 
 The manifest covers every file under `harness/` and `presets/`, `program.md`, the dependency lock
 (`pyproject.toml`, `uv.lock`), the session's own config files, the tokenizer with its token byte
-table, and the validation token files the evaluator reads. Files that were absent when the
+table, the validation token files the evaluator reads and the validation shard they were made from. Files that were absent when the
 session started are recorded as absent, so creating one later is a change too. Python's caches
 (`__pycache__`, `*.pyc`) and hidden files (`.DS_Store`) are not part of it.
 
@@ -24,7 +24,6 @@ the ratchet's job (`loop.ratchet`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -32,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from harness.config import RunConfig
+from harness.files import atomic_write_text, sha256_file
 from harness.paths import state_dir
 
 MANIFEST_DIRS = ("harness", "presets")  # every file below these, relative to the repository
@@ -114,27 +114,6 @@ def sessions_dir(root: Path) -> Path:
     return state_dir(root) / "sessions"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace `path` with `text` so that a reader (or a crash) sees the old or the new file whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if os.name != "nt":
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def save_session_config(config: SessionConfig, paths: SessionPaths) -> None:
     """Write session.json and the session's own run.json (what every run of it uses)."""
     atomic_write_text(paths.run_config, config.run.to_json())
@@ -148,14 +127,6 @@ def load_session_config(paths: SessionPaths) -> SessionConfig:
 
 
 # -- the manifest ---------------------------------------------------------------------------------
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def _hidden_or_cache(path: Path) -> bool:
     return any(part == "__pycache__" or part.startswith(".") for part in path.parts) or path.suffix == ".pyc"
@@ -182,6 +153,9 @@ def frozen_files(root: Path, config: SessionConfig, paths: SessionPaths) -> dict
         files[str(path)] = path
     for name in VALIDATION_TOKEN_FILES:
         path = Path(config.run.tokens_dir) / name
+        files[str(path)] = path
+    if config.run.val_file:  # the validation text itself (configs written before it was recorded lack it)
+        path = Path(config.run.val_file)
         files[str(path)] = path
     return files
 

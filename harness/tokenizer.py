@@ -18,6 +18,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from harness.files import atomic_write
+
 SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
@@ -119,8 +121,8 @@ def train_tokenizer(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / TOKENIZER_FILE, pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
-    _atomic_write(out_dir / TOKEN_BYTES_FILE, _npy_bytes(token_byte_lengths(ranks, vocab_size)))
+    atomic_write(out_dir / TOKENIZER_FILE, pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
+    atomic_write(out_dir / TOKEN_BYTES_FILE, _npy_bytes(token_byte_lengths(ranks, vocab_size)))
     tokenizer = load_tokenizer(out_dir)
     probe = "Hello world! Numbers: 123. Unicode: 你好"
     if tokenizer.decode(tokenizer.encode(probe, bos=False)) != probe:  # upstream's sanity check
@@ -209,13 +211,3 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file and rename it, so a crash never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
+from harness.files import atomic_write, sha256_file
+
 if TYPE_CHECKING:
     from harness.tokenizer import Tokenizer
 
@@ -106,7 +108,7 @@ class TokenFile:
             raise CorruptTokenFile(f"{idx_path}: document offsets are not increasing from 0 to {num_tokens}; {_REBUILD}")
         if verify:
             for path, key in ((bin_path, "bin_sha256"), (idx_path, "idx_sha256")):
-                if _sha256_file(path) != meta.get(key):
+                if sha256_file(path) != meta.get(key):
                     raise CorruptTokenFile(f"{path}: checksum mismatch; {_REBUILD}")
             starts = tokens[offsets[:-1]]
             if not np.all(starts == meta["bos_id"]):
@@ -168,7 +170,7 @@ class TokenFileWriter:
         offsets = np.zeros(self.num_docs + 1, dtype=OFFSET_DTYPE)
         np.cumsum(np.concatenate(self._lengths), out=offsets[1:])
         idx_bytes = offsets.tobytes()
-        _atomic_write(_path(self.prefix, ".idx"), idx_bytes)
+        atomic_write(_path(self.prefix, ".idx"), idx_bytes)
         os.replace(self._bin_tmp, _path(self.prefix, ".bin"))
         self.meta.update(
             version=FORMAT_VERSION,
@@ -178,7 +180,7 @@ class TokenFileWriter:
             bin_sha256=self._hash.hexdigest(),
             idx_sha256=hashlib.sha256(idx_bytes).hexdigest(),
         )
-        _atomic_write(_path(self.prefix, ".json"), json.dumps(self.meta, indent=2).encode())
+        atomic_write(_path(self.prefix, ".json"), json.dumps(self.meta, indent=2).encode())
         return TokenFile.open(self.prefix)
 
     def abort(self) -> None:
@@ -223,20 +225,3 @@ def write_token_file(
             rate = writer.num_tokens / max(time.perf_counter() - t0, 1e-9)
             bar.update(task, advance=len(chunk), tokens=f"{writer.num_tokens:,}", rate=f"{rate / 1e6:.2f} M tok/s")
         return writer.commit()
-
-
-def _sha256_file(path: Path, block: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(block):
-            digest.update(data)
-    return digest.hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

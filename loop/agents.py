@@ -35,12 +35,12 @@ import random
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.processes import kill_process_tree, new_process_group
 from harness.trainer_constants import format_value, read_constants, write_constants
 from loop.results import ResultRow, ResultsReport, sanitize
 
@@ -101,6 +101,24 @@ def facts_from_rows(program: str, backend: str, preset: str, trainer: str, rows:
         recent=rows[-recent:] if recent else [], tried=tried_lines(rows),
         experiments=summary.experiments, kept=summary.kept, **extra,
     )
+
+
+def memory_ceiling_gb(device: str) -> float | None:
+    """The memory of the device experiments run on: the accelerator's, or the RAM for `cpu`;
+    None when it cannot be told (a fact the prompt can go without)."""
+    if not device:
+        return None
+    try:
+        from harness.detect import probe
+        from harness.presets import memory_gb, primary_accelerator
+
+        report = probe(frameworks=False)
+        if device == "cpu":
+            return memory_gb(report.cpu.ram_bytes) if report.cpu.ram_bytes else None
+        accelerator = primary_accelerator(report)
+        return accelerator.memory_gb if accelerator else None
+    except Exception:  # a fact we can go without; never a reason to fail
+        return None
 
 
 def _bpb(value: float | None) -> str:
@@ -211,17 +229,17 @@ def run_agent(cmd: str, prompt: str, root: Path, timeout: float) -> AgentOutcome
         proc = subprocess.Popen(
             command, shell=True, cwd=root, env=env, text=True, encoding="utf-8", errors="replace",
             stdin=subprocess.DEVNULL if uses_file else subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **_new_process_group(),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **new_process_group(),
         )
         timed_out = False
         try:
             stdout, stderr = proc.communicate(None if uses_file else prompt, timeout=timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
-            _kill_group(proc)
+            kill_process_tree(proc)
             stdout, stderr = _drain(proc)
         except BaseException:
-            _kill_group(proc)  # Ctrl-C in the loop must not leave an agent editing files
+            kill_process_tree(proc)  # Ctrl-C in the loop must not leave an agent editing files
             raise
         returncode = None if timed_out else proc.returncode
         return AgentOutcome(description_from(stdout), stdout, returncode, timed_out, stderr)
@@ -231,22 +249,6 @@ def run_agent(cmd: str, prompt: str, root: Path, timeout: float) -> AgentOutcome
 
 def _quote(path: str) -> str:
     return subprocess.list2cmdline([path]) if os.name == "nt" else shlex.quote(path)
-
-
-def _new_process_group() -> dict:
-    if os.name == "nt":
-        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
-    return {"start_new_session": True}
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    if os.name == "nt":
-        subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True)
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _drain(proc: subprocess.Popen) -> tuple[str, str]:

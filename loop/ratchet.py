@@ -1,15 +1,12 @@
-"""The ratchet: sessions, `try` one change, keep or revert with git, and survive `kill -9`.
+"""The ratchet: a session, `try` one change, keep or revert with git, and survive `kill -9`.
 
 One session per repository is active at a time (`state_dir/active-session.json`), and one process
-at a time works on it (`state_dir/session.lock`: pid, host, start time, command; a lock whose
-process is dead on this host is stale and taken over). A `try` launched by an agent that `loop`
-started inherits the loop's lock through `AUTORESEARCH_LOCK_TOKEN`, so agents may call `try`
-themselves too.
+at a time works on it (`loop.lock`).
 
 `try` is the one atomic step of the search. In order:
 
 1. the manifest is verified: a changed file under `harness/` or outside the working tree (session
-   config, tokenizer, validation tokens) stops the session, naming the file, with nothing touched;
+   config, tokenizer, validation data) stops the session, naming the file, with nothing touched;
 2. a change to anything but the session's trainer (tracked, untracked, committed by the agent,
    or a move off the session branch) is `rejected` and reverted, tracked and untracked files alike
    (the frozen files inside the tree, `program.md`, `presets/`, `pyproject.toml`, are restored
@@ -28,73 +25,70 @@ themselves too.
 9. the caller prints one line.
 
 Crash safety: before anything irreversible, the experiment in flight is written to the session's
-journal (atomic replace + fsync), phase by phase:
-
-    baseline  the baseline runs are under way (their rows are appended one by one)
-    commit    about to commit the candidate (best commit, description, trainer hash)
-    run       the candidate commit exists and is being trained (its runs so far)
-    decided   the verdict and its whole row are known; git is being moved to the target commit
-              (candidate on keep, best otherwise) and the row appended
-
-Recovery (`session resume`, and the start of every `try` and `loop`) reads the journal: `baseline`
-finishes the missing baseline runs; `commit` and `run` record the experiment as a `crash` with
-reason "interrupted ..." (it was never scored; its trainer may be tried again) and go on as
-`decided`; `decided` resets git to the target commit and appends the row unless it is already the
-ledger's last. A trainer orphaned by the dead process is killed first (found by the marker in its
-environment, on Linux). So after `kill -9` at any moment git is on the best commit or on the
-candidate, results hold whole rows only, and no earlier row is lost. A full disk fails the
-append; the journal keeps the row, and `resume` appends it once space is back. Ctrl-C is held
-during the short git/journal/ledger steps, so it lands in a run (the trainer is killed and the
-experiment recorded as interrupted) or between steps, never inside one.
+journal, phase by phase (`loop.journal`: baseline, commit, run, decided). Recovery (`session
+resume`, and the start of every `try` and `loop`) reads it: `baseline` finishes the missing
+baseline runs; `commit` and `run` record the experiment as a `crash` with reason "interrupted ..."
+(it was never scored; its trainer may be tried again) and go on as `decided`; `decided` resets
+git to the target commit and appends the row unless it is already the ledger's last. A trainer
+orphaned by the dead process is killed first (`loop.orphans`). So after `kill -9` at any moment
+git is on the best commit or on the candidate, results hold whole rows only, and no earlier row
+is lost. A full disk fails the append; the journal keeps the row, and `resume` appends it once
+space is back. Ctrl-C is held during the short git/journal/ledger steps, so it lands in a run
+(the trainer is killed and the experiment recorded as interrupted) or between steps, never
+inside one.
 
 State lives in the ledger (`sessions/TAG/results.tsv`, outside the working tree, so neither an
-agent's edits nor `git clean` touch it): the best is the last `keep` row (else the mean of the `baseline` rows), sigma is the
-spread of the baseline rows, the tried trainers are the rows' `trainer_sha`. The repository's
-`results.tsv` is a copy, rewritten whole after every append.
+agent's edits nor `git clean` touch it): the best is the last `keep` row (else the mean of the
+`baseline` rows), sigma is the spread of the baseline rows, the tried trainers are the rows'
+`trainer_sha`. The repository's `results.tsv` is a copy, rewritten whole after every append.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import secrets
 import shutil
 import signal
-import socket
 import statistics
-import threading
-import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from harness.config import default_config_path, load_config
+from harness.files import atomic_write_text, sha256_file
 from harness.paths import state_dir, trainer_path
 from harness.runner import RunOutcome, run_experiment
 from harness.session import (
     Mismatch,
     SessionConfig,
     SessionPaths,
-    atomic_write_text,
     build_manifest,
     load_session_config,
     now_utc,
     save_manifest,
     save_session_config,
     sessions_dir,
-    sha256_file,
     verify_manifest,
 )
 from loop.decide import DEFAULT_MIN_FLOOR, DEFAULT_Z, RULES, decide, noise_floor
+from loop.errors import BaselineFailed, FrozenEvaluatorError, SessionError
+from loop.git import Git
+from loop.journal import (
+    clear_journal,
+    deferred_interrupt,
+    read_journal,
+    read_loop_state,
+    record_trainer,
+    write_journal,
+    write_loop_state,
+)
+from loop.lock import RepoLock
+from loop.orphans import MARKER_ENV, kill_orphaned_trainer
 from loop.results import ResultRow, append_row, read_rows, sanitize
 
 ACTIVE_FILE = "active-session.json"
-LOCK_FILE = "session.lock"
 RESULTS_NAME = "results.tsv"
-LOCK_TOKEN_ENV = "AUTORESEARCH_LOCK_TOKEN"
-MARKER_ENV = "AUTORESEARCH_EXPERIMENT"  # in every trainer's environment, to find orphans
 KILL_AT_ENV = "AUTORESEARCH_TEST_KILL_AT"  # tests: SIGKILL this process at the named point
 INTERRUPTED = "interrupted"
 NO_COMMIT = "-"  # the commit column of a row whose change was never committed
@@ -102,48 +96,8 @@ NO_COMMIT = "-"  # the commit column of a row whose change was never committed
 Log = Callable[[str], None]
 
 
-def _quiet(_: str) -> None:
+def quiet(_: str) -> None:
     pass
-
-
-class SessionError(Exception):
-    """Something the user must fix; `hint` says how."""
-
-    exit_code = 1
-
-    def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message)
-        self.hint = hint
-
-
-class FrozenEvaluatorError(SessionError):
-    """A frozen file changed: the session stops until it is restored."""
-
-    exit_code = 2
-
-    def __init__(self, mismatches: list[Mismatch], best_commit: str, when: str = "before this experiment"):
-        names = ", ".join(str(m) for m in mismatches)
-        in_tree = [m.path for m in mismatches if m.in_tree]
-        hint = "Nothing was run or recorded. " if when == "before this experiment" else ""
-        if in_tree:
-            hint += (f"Restore the file(s) with `git checkout {best_commit[:7]} -- {' '.join(in_tree)}`, then "
-                     "`autoresearch try` again (or `autoresearch session resume` to continue a loop). ")
-        if len(in_tree) < len(mismatches):
-            hint += "Files outside the repository cannot be restored by git: re-run `autoresearch setup` and start a new session. "
-        hint += "Changing the evaluator means a new session (a new comparison track)."
-        super().__init__(f"the frozen evaluator changed {when}: {names}", hint.strip())
-        self.mismatches = mismatches
-
-
-class BaselineFailed(SessionError):
-    """The unchanged trainer did not run; `log_tail` keeps the end of its log (a failed start
-    removes the session's files, logs included)."""
-
-    def __init__(self, outcome: RunOutcome):
-        super().__init__(f"a baseline run failed ({outcome.status}): {outcome.reason}",
-                         "the unchanged trainer must run before a session can measure anything: fix it, commit, "
-                         "and start again (`autoresearch run` runs it alone)")
-        self.log_tail = outcome.log_tail(20)
 
 
 def _test_kill_point(name: str) -> None:
@@ -152,336 +106,7 @@ def _test_kill_point(name: str) -> None:
         os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
 
 
-@contextmanager
-def _deferred_interrupt() -> Iterator[None]:
-    """Hold Ctrl-C until a short critical section (git + journal + ledger) is done, so that an
-    interrupt lands between phases, never inside one. No-op outside the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
-
-
-# -- the lock -------------------------------------------------------------------------------------
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists on this machine."""
-    if pid <= 0:
-        return False
-    if os.name == "nt":
-        import ctypes
-
-        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # QUERY_LIMITED_INFORMATION
-        if not handle:
-            return False
-        code = ctypes.c_ulong()
-        ctypes.windll.kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
-        ctypes.windll.kernel32.CloseHandle(handle)
-        return code.value == 259  # STILL_ACTIVE
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
-
-
-@dataclass(frozen=True)
-class LockHolder:
-    pid: int
-    host: str
-    started: str
-    command: str
-    token: str
-
-    @property
-    def stale(self) -> bool:
-        return self.host == socket.gethostname() and not pid_alive(self.pid)
-
-    def describe(self) -> str:
-        return f"`{self.command}` (pid {self.pid} on {self.host}, since {self.started})"
-
-
-class RepoLock:
-    """One process at a time works on a repository's session. Created with O_EXCL; a lock left by
-    a dead process on this host is taken over. Use as a context manager."""
-
-    CREATING_GRACE_S = 10.0  # an empty lock file younger than this is being written right now
-
-    def __init__(self, root: Path, command: str):
-        self.path = state_dir(root) / LOCK_FILE
-        self.command = command
-        self.token = secrets.token_hex(8)
-        self.nested = False
-        self.held = False
-
-    def holder(self) -> LockHolder | None:
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            return LockHolder(int(data["pid"]), str(data["host"]), str(data["started"]),
-                              str(data.get("command", "?")), str(data.get("token", "")))
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    def acquire(self) -> "RepoLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        inherited = os.environ.get(LOCK_TOKEN_ENV)
-        for _ in range(5):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self.holder()
-                if holder is not None and inherited and holder.token == inherited and not holder.stale:
-                    self.nested = True  # called by an agent that our own loop started
-                    return self
-                if holder is None and self._young():
-                    time.sleep(0.2)
-                    continue
-                if holder is None or holder.stale:
-                    self.path.unlink(missing_ok=True)
-                    continue
-                raise SessionError(
-                    f"the session is busy: {holder.describe()} is working on it",
-                    f"wait for it or stop it; if that process no longer exists, delete {self.path}",
-                )
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": now_utc(),
-                           "command": self.command, "token": self.token}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            self.held = True
-            return self
-        raise SessionError(f"could not take the session lock {self.path}", "try again in a moment")
-
-    def _young(self) -> bool:
-        try:
-            return time.time() - self.path.stat().st_mtime < self.CREATING_GRACE_S
-        except OSError:
-            return False
-
-    def release(self) -> None:
-        if self.held:
-            holder = self.holder()
-            if holder is not None and holder.token == self.token:
-                self.path.unlink(missing_ok=True)
-            self.held = False
-
-    def __enter__(self) -> "RepoLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-# -- the journal ----------------------------------------------------------------------------------
-
-def read_journal(paths: SessionPaths) -> dict | None:
-    try:
-        return json.loads(paths.journal.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except ValueError:
-        return None  # a torn journal cannot exist (atomic replace); an unreadable one says nothing
-
-
-def write_journal(paths: SessionPaths, entry: dict) -> None:
-    atomic_write_text(paths.journal, json.dumps(entry, indent=1, sort_keys=True))
-
-
-def clear_journal(paths: SessionPaths) -> None:
-    paths.journal.unlink(missing_ok=True)
-
-
-def kill_marked_processes(marker: str) -> int:
-    """Kill the process groups of processes whose environment holds `MARKER_ENV=marker`: a
-    trainer orphaned when the loop died. Linux only (reads /proc); elsewhere an orphan runs to its
-    own end (its budget plus evaluation) and its result is ignored. Returns how many it killed."""
-    proc = Path("/proc")
-    if not marker or not proc.is_dir() or os.name == "nt":
-        return 0
-    needle = f"{MARKER_ENV}={marker}".encode()
-    victims = []
-    for entry in proc.iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                victims.append(int(entry.name))
-        except OSError:
-            continue
-    for pid in victims:
-        try:
-            group = os.getpgid(pid)
-            if group == os.getpgrp():
-                os.kill(pid, signal.SIGKILL)
-            else:
-                os.killpg(group, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            continue
-    deadline = time.monotonic() + 5
-    while victims and time.monotonic() < deadline:
-        victims = [pid for pid in victims if _running(pid)]
-        time.sleep(0.05)
-    return len(victims)
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-# -- git --------------------------------------------------------------------------------------------
-
-class Git:
-    """The few git operations the ratchet needs (GitPython), with errors that say what to do."""
-
-    def __init__(self, root: Path):
-        import git
-
-        self._git = git
-        try:
-            self.repo = git.Repo(root)
-        except (git.InvalidGitRepositoryError, git.NoSuchPathError):
-            raise SessionError(f"{root} is not a git repository",
-                               "a session lives on a git branch: `git init && git add -A && git commit -m start`") from None
-        self.root = Path(self.repo.working_tree_dir or root)
-
-    def _run(self, *args: str, **kwargs) -> str:
-        return getattr(self.repo.git, args[0])(*args[1:], **kwargs)
-
-    def head(self) -> str | None:
-        try:
-            return self.repo.head.commit.hexsha
-        except ValueError:
-            return None
-
-    def branch(self) -> str | None:
-        return None if self.repo.head.is_detached else self.repo.active_branch.name
-
-    def branch_exists(self, name: str) -> bool:
-        return name in {h.name for h in self.repo.heads}
-
-    def valid_branch_name(self, name: str) -> bool:
-        try:
-            self._run("check_ref_format", "--branch", name)
-            return True
-        except self._git.GitCommandError:
-            return False
-
-    def dirty(self) -> list[str]:
-        """Every path that differs from HEAD, untracked (not ignored) files included."""
-        changed = _split(self._run("diff", "--name-only", "--no-renames", "-z", "HEAD"))
-        return sorted(set(changed) | set(self.untracked()))
-
-    def tracked(self, path: str) -> bool:
-        return bool(self._run("ls_files", "--", path).strip())
-
-    def untracked(self) -> list[str]:
-        return _split(self._run("ls_files", "--others", "--exclude-standard", "-z"))
-
-    def changes_since(self, commit: str) -> list[str]:
-        """Paths where the working tree differs from `commit` (committed, staged or not, untracked)."""
-        changed = _split(self._run("diff", "--name-only", "--no-renames", "-z", commit))
-        return sorted(set(changed) | set(self.untracked()))
-
-    def create_branch(self, name: str) -> None:
-        self._run("checkout", "-b", name)
-
-    def ensure_ignored(self, name: str) -> None:
-        """Make git ignore `name` in this clone (through .git/info/exclude) if nothing does yet."""
-        try:
-            self._run("check_ignore", "-q", name)
-            return
-        except self._git.GitCommandError:
-            pass
-        exclude = Path(self.repo.git_dir) / "info" / "exclude"
-        exclude.parent.mkdir(parents=True, exist_ok=True)
-        text = exclude.read_text() if exclude.exists() else ""
-        exclude.write_text(text + ("" if text.endswith("\n") or not text else "\n") + f"/{name}\n")
-
-    def commit_file(self, base: str, path: str, message: str) -> str:
-        """Commit `path` as it is in the working tree on top of `base` (the agent's own commits
-        since `base` are squashed into this one); returns the new commit's sha."""
-        if self.head() != base:
-            self._run("reset", "--soft", base)
-        self._run("add", "-A", "--", path)
-        with self.repo.git.custom_environment(**self._identity()):
-            self.repo.git(c="commit.gpgsign=false").commit("--no-verify", "--allow-empty", "-q",
-                                                           "-m", message, "--", path)
-        return self.head() or ""
-
-    def _identity(self) -> dict[str, str]:
-        env: dict[str, str] = {}
-        reader = self.repo.config_reader()
-        for key, default in (("name", "autoresearch"), ("email", "autoresearch@localhost")):
-            try:
-                reader.get_value("user", key)
-            except Exception:  # configparser errors: no such section / option
-                if f"GIT_AUTHOR_{key.upper()}" not in os.environ:
-                    env[f"GIT_AUTHOR_{key.upper()}"] = default
-                    env[f"GIT_COMMITTER_{key.upper()}"] = default
-        return env
-
-    def restore(self, branch: str, commit: str) -> None:
-        """Put the session branch and the whole working tree exactly on `commit` (ignored files
-        aside): back on the branch if HEAD left it, hard reset, untracked files removed."""
-        if self.branch() != branch:
-            self._run("checkout", "-f", branch)
-        self._run("reset", "-q", "--hard", commit)
-        self._run("clean", "-q", "-f", "-d")
-
-    def resolve(self, rev: str) -> str:
-        try:
-            return self._run("rev_parse", "--verify", "-q", f"{rev}^{{commit}}")
-        except self._git.GitCommandError:
-            raise SessionError(f"commit {rev} is not in this repository",
-                               "the session's history was rewritten; start a new session") from None
-
-    def is_ancestor(self, ancestor: str, descendant: str) -> bool:
-        try:
-            self._run("merge_base", "--is-ancestor", ancestor, descendant)
-            return True
-        except self._git.GitCommandError:
-            return False
-
-    def message(self, commit: str) -> str:
-        return self.repo.commit(commit).message.strip()
-
-    def parents(self, commit: str) -> list[str]:
-        return [p.hexsha for p in self.repo.commit(commit).parents]
-
-    def remove_stale_index_lock(self) -> bool:
-        """A git command killed mid-way leaves `index.lock`; only called while we hold the
-        session lock after our own process died, so it is ours."""
-        lock = Path(self.repo.git_dir) / "index.lock"
-        if lock.exists():
-            lock.unlink(missing_ok=True)
-            return True
-        return False
-
-    def delete_branch(self, name: str) -> None:
-        self._run("branch", "-D", name)
-
-    def checkout(self, ref: str) -> None:
-        self._run("checkout", "-q", "-f", ref)
-
-
-def _split(output: str) -> list[str]:
-    return [p for p in output.split("\0") if p]
-
-
-# -- results ----------------------------------------------------------------------------------------
+# -- where a session stands, what a try did ----------------------------------------------------
 
 @dataclass(frozen=True)
 class Standing:
@@ -564,7 +189,7 @@ def default_timeout(time_budget: float) -> float:
 
 class Session:
     """An active session of a repository. Methods that change anything expect the caller to
-    hold the RepoLock."""
+    hold the RepoLock (`loop.lock`)."""
 
     def __init__(self, root: Path, config: SessionConfig, paths: SessionPaths, git: Git):
         self.root = root
@@ -593,7 +218,7 @@ class Session:
     @classmethod
     def start(cls, root: Path, tag: str, rule: str = "noise", z: float = DEFAULT_Z,
               min_floor: float = DEFAULT_MIN_FLOOR, repeats: int | None = None, timeout: float | None = None,
-              log: Log = _quiet, progress: Log | None = None) -> "Session":
+              log: Log = quiet, progress: Log | None = None) -> "Session":
         """Create the session (branch, config, manifest) and measure the baseline. The caller
         holds the lock. On a failed baseline everything it created is removed again."""
         if rule not in RULES:
@@ -748,18 +373,21 @@ class Session:
         suffix = f"-run{attempt + 1}" if attempt else ""
         return self.paths.logs / f"{number:04d}-{commit[:7] or 'nocommit'}{suffix}.log"
 
-    def _run(self, log_path: Path, marker: str, progress: Log | None) -> RunOutcome:
+    def _run(self, log_path: Path, entry: dict, progress: Log | None) -> RunOutcome:
+        """Train once. The journal `entry` in flight carries the run's marker and gets the
+        trainer's pid the moment it starts, so recovery can stop an orphan (`loop.orphans`)."""
         def on_progress(line: str) -> None:
             _test_kill_point("training")
             if progress:
                 progress(line)
 
         return run_experiment(self.root, self.config.backend, self.paths.run_config, log_path,
-                              timeout=self.config.timeout, extra_env={MARKER_ENV: marker},
+                              timeout=self.config.timeout, extra_env={MARKER_ENV: entry["marker"]},
+                              on_start=lambda pid: record_trainer(self.paths, entry, pid),
                               on_progress=on_progress)
 
     # -- the baseline --------------------------------------------------------------------------
-    def run_baseline(self, log: Log = _quiet, progress: Log | None = None) -> None:
+    def run_baseline(self, log: Log = quiet, progress: Log | None = None) -> None:
         """Run the unchanged trainer until the session has `repeats` baseline rows."""
         trainer_sha = self.trainer_sha()
         while True:
@@ -769,9 +397,10 @@ class Session:
             self.check_frozen(self.config.base_commit, "during the baseline")
             number = len(values) + 1
             marker = f"{self.config.tag}:baseline:{number}:{secrets.token_hex(4)}"
-            write_journal(self.paths, {"phase": "baseline", "marker": marker})
+            entry = {"phase": "baseline", "marker": marker}
+            write_journal(self.paths, entry)
             log(f"baseline run {number}/{self.config.repeats}")
-            outcome = self._run(self.paths.logs / f"baseline-{number}.log", marker, progress)
+            outcome = self._run(self.paths.logs / f"baseline-{number}.log", entry, progress)
             if not outcome.ok:
                 raise BaselineFailed(outcome)
             values.append(outcome.val_bpb)
@@ -786,20 +415,20 @@ class Session:
                 noise_sigma=statistics.stdev(values) if len(values) >= 2 else None,
                 trainer_sha=trainer_sha,
             )
-            with _deferred_interrupt():
+            with deferred_interrupt():
                 self._append(row)
             log(f"  val_bpb {outcome.val_bpb:.6f} ({outcome.seconds:.0f} s)")
         clear_journal(self.paths)
 
     # -- recovery ------------------------------------------------------------------------------
-    def recover(self, log: Log = _quiet, progress: Log | None = None) -> ResultRow | None:
+    def recover(self, log: Log = quiet, progress: Log | None = None) -> ResultRow | None:
         """Finish or roll back whatever a dead process left in the journal (see the module
         docstring); returns the row it recorded, if any. Safe to call at any time."""
         entry = read_journal(self.paths)
         if entry is None:
             return None
         self.git.remove_stale_index_lock()
-        kill_marked_processes(entry.get("marker", ""))
+        kill_orphaned_trainer(entry)
         phase = entry.get("phase")
         if phase == "baseline":
             log("finishing the baseline interrupted earlier")
@@ -820,7 +449,7 @@ class Session:
             entry = {"phase": "decided", "target": entry["best"], "row": row.to_dict()}
             write_journal(self.paths, entry)
         row = ResultRow(**entry["row"])
-        with _deferred_interrupt():
+        with deferred_interrupt():
             self.git.restore(self.config.branch, entry["target"])
             if not self._is_last_row(row):
                 self._append(row)
@@ -848,7 +477,7 @@ class Session:
             (row.timestamp, row.commit, row.status, row.description)
 
     # -- try -----------------------------------------------------------------------------------
-    def try_change(self, description: str, log: Log = _quiet, progress: Log | None = None) -> TryResult:
+    def try_change(self, description: str, log: Log = quiet, progress: Log | None = None) -> TryResult:
         """Judge the working tree's change to the trainer (see the module docstring)."""
         self.recover(log, progress)
         standing = self.standing()
@@ -867,13 +496,13 @@ class Session:
         others = [p for p in changed if p != self.config.trainer]
         if others or off_branch:
             reason = (f"HEAD left the session branch {self.config.branch}; " if off_branch else "") + \
-                (f"changed files other than {self.config.trainer}: {_names(others)}" if others else "")
+                (f"changed files other than {self.config.trainer}: {name_list(others)}" if others else "")
             return self._reject(standing, description, reason.strip("; "), common)
 
         sha = self.trainer_sha()
         known = standing.tried.get(sha)
         if known is not None:
-            with _deferred_interrupt():
+            with deferred_interrupt():
                 self.git.restore(self.config.branch, best)
             verdict = "crash" if known.status == "crash" else "discard"
             when = f"identical to the trainer of {known.commit} ({known.status}"
@@ -897,10 +526,10 @@ class Session:
 
     def _settle(self, target: str, row: ResultRow) -> None:
         """The end of every judged change: journal the verdict, move git, append the row."""
-        with _deferred_interrupt():
+        with deferred_interrupt():
             write_journal(self.paths, {"phase": "decided", "target": target, "row": row.to_dict()})
         _test_kill_point("decided")
-        with _deferred_interrupt():
+        with deferred_interrupt():
             self.git.restore(self.config.branch, target)
             _test_kill_point("reverted")
             self._append(row)
@@ -913,7 +542,7 @@ class Session:
         marker = f"{self.config.tag}:{number}:{secrets.token_hex(4)}"
         entry = {"phase": "commit", "best": best, "description": description, "trainer_sha": sha,
                  "marker": marker, "runs": []}
-        with _deferred_interrupt():
+        with deferred_interrupt():
             write_journal(self.paths, entry)
             candidate = self.git.commit_file(best, self.config.trainer, description)
             entry.update(phase="run", candidate=candidate)
@@ -922,7 +551,7 @@ class Session:
         short = candidate[:7]
         log(f"experiment {number}: {description} ({short})")
 
-        outcomes = [self._run(self._log_path(number, candidate, 0), marker, progress)]
+        outcomes = [self._run(self._log_path(number, candidate, 0), entry, progress)]
         values: list[float | None] = [outcomes[0].val_bpb if outcomes[0].ok else None]
         decision = decide(values, standing.best_runs, standing.sigma, self.config.rule, self.config.z,
                           self.config.min_floor)
@@ -930,7 +559,7 @@ class Session:
             entry["runs"] = values
             write_journal(self.paths, entry)
             log(f"  {decision.reason}")
-            outcomes.append(self._run(self._log_path(number, candidate, 1), marker, progress))
+            outcomes.append(self._run(self._log_path(number, candidate, 1), entry, progress))
             values.append(outcomes[1].val_bpb if outcomes[1].ok else None)
             decision = decide(values, standing.best_runs, standing.sigma, self.config.rule, self.config.z,
                               self.config.min_floor)
@@ -944,7 +573,7 @@ class Session:
         changed_frozen = self.frozen_mismatches()
         if changed_frozen:
             verdict = "rejected"
-            reason = f"the run changed frozen files: {_names([str(m) for m in changed_frozen])}"
+            reason = f"the run changed frozen files: {name_list([str(m) for m in changed_frozen])}"
             entry["violation"] = reason
             write_journal(self.paths, entry)
 
@@ -1008,7 +637,7 @@ def _memory_gb(outcomes: list[RunOutcome]) -> float:
     return round(max(peaks) / 1024, 1) if peaks else 0.0
 
 
-def _names(paths: list[str], limit: int = 6) -> str:
+def name_list(paths: list[str], limit: int = 6) -> str:
     shown = ", ".join(paths[:limit])
     return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
 
@@ -1019,180 +648,3 @@ def _free_tag(git: Git, root: Path, tag: str) -> str:
         if not git.branch_exists(f"autoresearch/{candidate}") and not (sessions_dir(root) / candidate).exists():
             return candidate
     return f"{tag}-{secrets.token_hex(2)}"
-
-
-# -- the loop -------------------------------------------------------------------------------------
-
-MUTATE = "mutate"
-MAX_AGENT_FAILURES = 3  # consecutive failing agent calls that changed nothing: the command is broken
-MUTATE_ATTEMPTS = 25  # redraws when mutate lands on a trainer that was already tried
-
-
-@dataclass
-class LoopPlan:
-    """A loop's arguments and progress, saved after every iteration so `resume` can continue."""
-
-    agent: str
-    max_iterations: int | None = None
-    hours: float | None = None
-    agent_timeout: float = 1800.0
-    seed: int | None = None
-    done: int = 0
-    seconds: float = 0.0
-    state: str = "running"  # running | halted (frozen file changed) | finished | stopped (Ctrl-C) | failed | ended
-
-    def remaining(self) -> str | None:
-        """Why the loop must stop now, or None."""
-        if self.max_iterations is not None and self.done >= self.max_iterations:
-            return f"ran {self.done} iteration(s) (--max {self.max_iterations})"
-        if self.hours is not None and self.seconds >= self.hours * 3600:
-            return f"ran {self.seconds / 3600:.2f} h (--hours {self.hours:g})"
-        return None
-
-
-def read_loop_state(paths: SessionPaths) -> dict | None:
-    try:
-        return json.loads(paths.loop_state.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def write_loop_state(paths: SessionPaths, data: dict) -> None:
-    atomic_write_text(paths.loop_state, json.dumps(data, indent=1, sort_keys=True))
-
-
-def interrupted_loop(paths: SessionPaths) -> LoopPlan | None:
-    """The loop a dead process was running, or one halted by a changed frozen file; a loop that
-    finished, or that a human stopped with Ctrl-C, is not resumed."""
-    data = read_loop_state(paths)
-    if not data or data.get("state") not in ("running", "halted"):
-        return None
-    return LoopPlan(**{k: v for k, v in data.items() if k in LoopPlan.__dataclass_fields__})
-
-
-def run_loop(session: Session, plan: LoopPlan, emit: Callable[[TryResult], None], log: Log = _quiet,
-             progress: Log | None = None, lock_token: str | None = None, resumed: bool = False) -> str:
-    """Propose, try, repeat until `plan` says stop. Returns why it stopped. Raises
-    FrozenEvaluatorError (the session must stop) and SessionError for a broken agent command;
-    Ctrl-C records the experiment in flight as interrupted and re-raises KeyboardInterrupt.
-
-    A new loop refuses to start over changes nobody has tried yet (they may be a human's); a
-    resumed one drops what its dead predecessor's agent left half-made."""
-    from loop.agents import build_prompt, facts_from_rows, mutate, run_agent
-
-    plan.state = "running"
-    write_loop_state(session.paths, asdict(plan))
-    rng = random.Random(plan.seed if plan.seed is not None else secrets.randbits(32))
-    for _ in range(plan.done):  # a resumed loop does not replay the same proposals
-        rng.random()
-    if lock_token:
-        os.environ[LOCK_TOKEN_ENV] = lock_token  # an agent may call `autoresearch try` itself
-    failures = 0
-    try:
-        session.recover(log, progress)
-        _start_from_best(session, resumed, log)
-        while (why := plan.remaining()) is None:
-            started = time.monotonic()
-            number = plan.done + 1
-            if plan.agent == MUTATE:
-                description = _propose_mutation(session, rng, mutate)
-            else:
-                standing = session.standing()
-                program = session.root / "program.md"
-                facts = facts_from_rows(
-                    program.read_text(encoding="utf-8") if program.is_file() else "",
-                    session.config.backend, session.config.preset, session.config.trainer, standing.rows,
-                    noise_floor=standing.floor if session.config.rule == "noise" else None,
-                    noise_sigma=standing.sigma or None, device=session.config.run.device,
-                    time_budget=session.config.run.evaluator.TIME_BUDGET, rule=session.config.rule,
-                )
-                log(f"iteration {number}: running the agent")
-                outcome = run_agent(plan.agent, build_prompt(facts), session.root, plan.agent_timeout)
-                session.paths.logs.mkdir(parents=True, exist_ok=True)
-                (session.paths.logs / f"agent-{number:04d}.log").write_text(
-                    outcome.output + ("\n--- stderr ---\n" + outcome.stderr if outcome.stderr else ""), encoding="utf-8")
-                if outcome.timed_out:
-                    log(f"  the agent ran past {plan.agent_timeout:g} s and was stopped; trying what it left")
-                description = outcome.description or _agent_commit_message(session) or "change by the agent"
-                if outcome.returncode not in (0, None) and not session.git.changes_since(session.standing().best_commit):
-                    failures += 1
-                    detail = (outcome.stderr or outcome.output).strip().splitlines()[-1:] or [""]
-                    log(f"  the agent exited with {outcome.returncode} and changed nothing: {detail[0][:200]}")
-                    if outcome.returncode == 127 or failures >= MAX_AGENT_FAILURES:
-                        raise SessionError(f"the agent command failed {failures} time(s) in a row "
-                                           f"(exit {outcome.returncode}): {detail[0][:200]}",
-                                           "check the --agent command line by running it by hand")
-                else:
-                    failures = 0
-            result = session.try_change(description, log, progress)
-            emit(result)
-            plan.done += 1
-            plan.seconds += time.monotonic() - started
-            write_loop_state(session.paths, asdict(plan))
-        plan.state = "finished"
-        return why
-    except KeyboardInterrupt:
-        plan.state = "stopped"
-        _stop_cleanly(session, log)
-        raise
-    except FrozenEvaluatorError:
-        plan.state = "halted"  # `session resume` continues once the file is restored
-        raise
-    except SessionError:
-        plan.state = "failed"
-        raise
-    finally:
-        if plan.state != "running":
-            write_loop_state(session.paths, asdict(plan))
-        if lock_token and os.environ.get(LOCK_TOKEN_ENV) == lock_token:
-            del os.environ[LOCK_TOKEN_ENV]
-
-
-def _start_from_best(session: Session, resumed: bool, log: Log) -> None:
-    best = session.standing().best_commit
-    pending = session.git.changes_since(best)
-    off = session.git.branch() != session.config.branch or session.git.head() != best
-    if not pending and not off:
-        return
-    if not resumed and pending:
-        raise SessionError(f"the working tree has changes that were not tried: {_names(pending)}",
-                           "try them first (`autoresearch try -m ...`) or drop them (`git checkout -- .`)")
-    session.git.restore(session.config.branch, best)
-    if pending:
-        log(f"dropped the unfinished change of the interrupted iteration ({_names(pending)})")
-
-
-def _stop_cleanly(session: Session, log: Log) -> None:
-    """After Ctrl-C: record the experiment in flight, or drop an agent's half-made edit."""
-    if read_journal(session.paths) is not None:
-        session.recover(log)
-    else:
-        standing = session.standing()
-        if session.git.changes_since(standing.best_commit) or session.git.head() != standing.best_commit:
-            session.git.restore(session.config.branch, standing.best_commit)
-            log("dropped the unfinished change of the interrupted iteration")
-
-
-def _agent_commit_message(session: Session) -> str:
-    """An agent that commits itself (upstream's habit) says what it did in the message."""
-    head, best = session.git.head(), session.standing().best_commit
-    if head and head != best and session.git.is_ancestor(best, head):
-        return session.git.message(head).splitlines()[0] if session.git.message(head) else ""
-    return ""
-
-
-def _propose_mutation(session: Session, rng: random.Random, mutate: Callable) -> str:
-    """One mutate() proposal that was not tried before (a few redraws), on the best trainer."""
-    standing = session.standing()
-    trainer = session.root / session.config.trainer
-    description = ""
-    for _ in range(MUTATE_ATTEMPTS):
-        session.git.restore(session.config.branch, standing.best_commit)
-        try:
-            description = mutate(trainer, rng, max_seq_len=session.config.run.evaluator.MAX_SEQ_LEN)
-        except ValueError as exc:
-            raise SessionError(f"the mutate proposer cannot change this trainer: {exc}",
-                               "use an agent instead: --agent 'claude -p ...'") from None
-        if sha256_file(trainer) not in standing.tried:
-            break
-    return description

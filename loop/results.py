@@ -21,6 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
 
+from harness.files import fsync_dir
+
 UPSTREAM_COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description")
 RESULT_COLUMNS = UPSTREAM_COLUMNS + (
     "timestamp", "seconds", "num_steps", "tokens_per_sec", "backend", "device", "preset",
@@ -142,7 +144,7 @@ def append_row(path: Path, row: ResultRow) -> None:
     finally:
         os.close(fd)
     if created:
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 def _prepare_for_append(fd: int) -> tuple[str, ...]:
@@ -184,16 +186,6 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
-
-
-def _fsync_dir(directory: Path) -> None:
-    if os.name == "nt":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- reading --------------------------------------------------------------------------------------

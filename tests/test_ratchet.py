@@ -1,9 +1,7 @@
 """The ratchet's rules, in real temporary git repositories through the real CLI.
 
-The experiments here are run by a tiny trainer that honours the whole harness contract (context,
-training batches, budget clock, `ctx.finish` with a forward function that the harness evaluates
-and checks for causality) with a unigram model in numpy, so a run takes a second or two instead of
-the reference trainer's tens of seconds. `tests/test_session.py` drives the reference trainer.
+The experiments here are run by the tiny numpy trainer of `ratchet_helpers.py` (the whole harness
+contract, a second or two per run). `tests/test_session.py` drives the reference trainer.
 Also here: the manifest and the lock as units.
 """
 
@@ -11,14 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import PROJECT, copy_project, make_tiny_setup
+from conftest import PROJECT
 from harness.config import EvaluatorConstants, RunConfig
 from harness.session import (
     SessionConfig,
@@ -28,129 +26,12 @@ from harness.session import (
     save_session_config,
     verify_manifest,
 )
-from harness.trainer_constants import write_constants
-from loop.ratchet import LOCK_TOKEN_ENV, RepoLock, SessionError
-from loop.results import read_rows
+from loop.errors import SessionError
+from loop.lock import LOCK_TOKEN_ENV, RepoLock
+from ratchet_helpers import (TAG, TRAINER, assert_clean_on_branch, best_commit, cli, clone_dir, edit, git,
+                             ledger, make_repo, session_paths, set_constant)
 
-TAG = "t"
 TIMEOUT_S = 12  # the fake trainer finishes in a few seconds; the hang test waits this long
-
-# A unigram model in numpy on the real harness. LOGIT_SCALE < 1 flattens its distribution, so
-# setting it to 1.0 is a large, certain gain (far above any run-to-run noise).
-FAKE_TRAINER = '''\
-"""A tiny trainer on the harness contract: a smoothed unigram model in numpy."""
-import sys
-from pathlib import Path
-
-import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from harness.context import load_context  # noqa: E402
-
-# ---------------------------------------------------------------------------
-# Hyperparameters (edit these directly)
-# ---------------------------------------------------------------------------
-LOGIT_SCALE = 0.5  # 1.0 is the model's own distribution
-SMOOTHING = 1.0  # added to every count
-DEVICE_BATCH_SIZE = 4  # rows per step
-SEED = 42  # this model has no randomness; a seed change is a no-op
-
-
-def main() -> None:
-    ctx = load_context()
-    counts = np.full(ctx.vocab_size, SMOOTHING, dtype=np.float64)
-    batches = ctx.train_batches(DEVICE_BATCH_SIZE)
-    budget = ctx.budget
-    while not budget.done:
-        budget.start_step()
-        x, y = next(batches)
-        np.add.at(counts, y.ravel(), 1)
-        budget.end_step(y.size)
-    logp = (LOGIT_SCALE * np.log(counts / counts.sum())).astype(np.float32)
-
-    def forward(inputs):
-        return np.broadcast_to(logp, (*inputs.shape, logp.size)).copy()
-
-    ctx.finish(forward, framework="numpy", num_params=logp.size, flops_per_token=1.0, depth=1,
-               device_name="cpu", peak_memory_mb=1.0)
-
-
-if __name__ == "__main__":
-    main()
-'''
-
-TRAINER = "backends/cuda/train.py"
-
-
-# -- helpers shared with test_crash_safety.py ---------------------------------------------------
-
-def git(root: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
-
-
-def make_repo(dest: Path, trainer_source: str | None = FAKE_TRAINER, constants: dict | None = None,
-              **overrides: str) -> Path:
-    """A set-up project copy committed in a fresh git repository (as a user's clone would be):
-    the fake trainer, or the reference one (`trainer_source=None`) with `constants` rewritten."""
-    root = copy_project(dest)
-    shutil.copy(PROJECT / ".gitignore", root / ".gitignore")
-    git(root, "init", "-q", "-b", "main")
-    git(root, "config", "user.email", "test@example.com")
-    git(root, "config", "user.name", "test")
-    make_tiny_setup(root, "cuda", **overrides)
-    if trainer_source is not None:
-        (root / TRAINER).write_text(trainer_source)
-    if constants:
-        write_constants(root / TRAINER, constants)
-    git(root, "add", "-A")
-    git(root, "commit", "-q", "-m", "start")
-    return root
-
-
-def clone_dir(src: Path, dest: Path) -> Path:
-    """A byte copy of a repository with its state folder (setup config), cheaper than a setup."""
-    shutil.copytree(src, dest, symlinks=True)
-    return dest
-
-
-def cli_env(root: Path, **env: str) -> dict[str, str]:
-    full_env = dict(os.environ, AUTORESEARCH_ROOT=str(root), AUTORESEARCH_DEVICE="cpu", COLUMNS="200", **env)
-    full_env.pop(LOCK_TOKEN_ENV, None)
-    return full_env
-
-
-def cli(root: Path, *args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "autoresearch", *args], cwd=root, env=cli_env(root, **env),
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def session_paths(root: Path, tag: str = TAG) -> SessionPaths:
-    return SessionPaths(root / ".git" / "autoresearch" / "sessions" / tag)
-
-
-def ledger(root: Path, tag: str = TAG):
-    return read_rows(session_paths(root, tag).ledger)
-
-
-def edit(root: Path, old: str, new: str, path: str = TRAINER) -> None:
-    file = root / path
-    text = file.read_text()
-    assert old in text, f"{old!r} not in {path}"
-    file.write_text(text.replace(old, new, 1))
-
-
-def set_constant(root: Path, name: str, value) -> None:
-    """Edit one hyperparameter of the trainer, whatever its current value (as an agent would)."""
-    write_constants(root / TRAINER, {name: value})
-
-
-def best_commit(root: Path) -> str:
-    return git(root, "rev-parse", "HEAD")
-
-
-def assert_clean_on_branch(root: Path, tag: str = TAG) -> None:
-    assert git(root, "rev-parse", "--abbrev-ref", "HEAD") == f"autoresearch/{tag}"
-    assert git(root, "status", "--porcelain") == ""
 
 
 # -- fixtures -----------------------------------------------------------------------------------
@@ -250,7 +131,7 @@ def test_a_live_holder_keeps_the_lock_and_is_named(tmp_path):
 def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path):
     # A real process takes the lock and dies without releasing it (as kill -9 would leave it).
     code = ("import sys, os; sys.path.insert(0, sys.argv[1]); from pathlib import Path; "
-            "from loop.ratchet import RepoLock; RepoLock(Path(sys.argv[2]), 'doomed').acquire(); os._exit(0)")
+            "from loop.lock import RepoLock; RepoLock(Path(sys.argv[2]), 'doomed').acquire(); os._exit(0)")
     subprocess.run([sys.executable, "-c", code, str(PROJECT), str(tmp_path)], check=True)
     lock = RepoLock(tmp_path, "autoresearch session resume")
     assert lock.holder() is not None and lock.holder().stale
@@ -352,6 +233,22 @@ def test_editing_the_harness_stops_the_session_naming_the_file(session):
     result = cli(session, "try", "-m", "anything")
     assert result.returncode == 2 and f"{config} (changed)" in result.stderr
     config.write_text(original)
+    assert_clean_on_branch(session)
+
+
+def test_editing_the_validation_shard_stops_the_session_naming_it(session):
+    val_file = Path(json.loads(session_paths(session).run_config.read_text())["val_file"])
+    before, head = ledger(session), best_commit(session)
+    original = val_file.read_bytes()  # in the cache every test shares: put back whatever happens
+    set_constant(session, "SEED", 43)
+    try:
+        val_file.write_bytes(original + b"\0")
+        result = cli(session, "try", "-m", "seed, scored on other validation text")
+    finally:
+        val_file.write_bytes(original)
+    assert result.returncode == 2 and f"{val_file} (changed)" in result.stderr
+    assert ledger(session) == before and best_commit(session) == head
+    git(session, "checkout", "--", ".")
     assert_clean_on_branch(session)
 
 
@@ -489,6 +386,7 @@ def test_an_external_agent_gets_the_prompt_and_its_reply_names_the_change(sessio
     assert "## Rules" in prompt  # program.md
     assert f"file to edit: {TRAINER}" in prompt and f"{before[-1].best_bpb:.6f}" in prompt
     assert "what has been tried" in prompt
+    assert re.search(r"memory ceiling \(soft\): \d+\.\d GB", prompt)  # the RAM, for device cpu
     assert all(row.description in prompt for row in before if row.status != "baseline")
     assert_clean_on_branch(session)
 

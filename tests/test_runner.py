@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from harness.processes import pid_alive
 from harness.runner import run_experiment
 
 HARNESS_RESULT = """
@@ -123,3 +124,16 @@ def test_progress_lines_reach_the_caller(tmp_path):
     seen: list[str] = []
     run_experiment(root, "cuda", root / "c.json", root / "run.log", timeout=30, on_progress=seen.append)
     assert any(line.startswith("step 0000") for line in seen)
+
+
+def test_the_caller_learns_the_trainers_pid_as_soon_as_it_starts(tmp_path):
+    root = make_trainer(tmp_path, """
+        import os, time
+        print(f"pid {os.getpid()}", flush=True)
+        time.sleep(1)
+    """)
+    started: list[tuple[int, bool]] = []
+    outcome = run_experiment(root, "cuda", root / "c.json", root / "run.log", timeout=30,
+                             on_start=lambda pid: started.append((pid, pid_alive(pid))))
+    assert outcome.status == "crash"  # it never reports a result; what matters is the pid
+    assert started == [(int(outcome.log_path.read_text().split()[1]), True)]  # once, while it ran

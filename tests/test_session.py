@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from test_ratchet import TAG, TRAINER, assert_clean_on_branch, best_commit, cli, edit, git, ledger, make_repo
+from ratchet_helpers import TAG, TRAINER, assert_clean_on_branch, best_commit, cli, edit, git, ledger, make_repo
 
 pytestmark = pytest.mark.slow
 

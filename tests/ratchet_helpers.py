@@ -1,0 +1,139 @@
+"""Helpers for tests that run sessions in real temporary git repositories through the real CLI
+(test_ratchet.py, test_crash_safety.py, test_session.py).
+
+Most experiments are run by FAKE_TRAINER, a tiny trainer that honours the whole harness contract
+(context, training batches, budget clock, `ctx.finish` with a forward function that the harness
+evaluates and checks for causality) with a unigram model in numpy, so a run takes a second or two
+instead of the reference trainer's tens of seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import PROJECT, copy_project, make_tiny_setup
+from harness.session import SessionPaths
+from harness.trainer_constants import write_constants
+from loop.lock import LOCK_TOKEN_ENV
+from loop.results import read_rows
+
+TAG = "t"
+
+# A unigram model in numpy on the real harness. LOGIT_SCALE < 1 flattens its distribution, so
+# setting it to 1.0 is a large, certain gain (far above any run-to-run noise).
+FAKE_TRAINER = '''\
+"""A tiny trainer on the harness contract: a smoothed unigram model in numpy."""
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from harness.context import load_context  # noqa: E402
+
+# ---------------------------------------------------------------------------
+# Hyperparameters (edit these directly)
+# ---------------------------------------------------------------------------
+LOGIT_SCALE = 0.5  # 1.0 is the model's own distribution
+SMOOTHING = 1.0  # added to every count
+DEVICE_BATCH_SIZE = 4  # rows per step
+SEED = 42  # this model has no randomness; a seed change is a no-op
+
+
+def main() -> None:
+    ctx = load_context()
+    counts = np.full(ctx.vocab_size, SMOOTHING, dtype=np.float64)
+    batches = ctx.train_batches(DEVICE_BATCH_SIZE)
+    budget = ctx.budget
+    while not budget.done:
+        budget.start_step()
+        x, y = next(batches)
+        np.add.at(counts, y.ravel(), 1)
+        budget.end_step(y.size)
+    logp = (LOGIT_SCALE * np.log(counts / counts.sum())).astype(np.float32)
+
+    def forward(inputs):
+        return np.broadcast_to(logp, (*inputs.shape, logp.size)).copy()
+
+    ctx.finish(forward, framework="numpy", num_params=logp.size, flops_per_token=1.0, depth=1,
+               device_name="cpu", peak_memory_mb=1.0)
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+TRAINER = "backends/cuda/train.py"
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def make_repo(dest: Path, trainer_source: str | None = FAKE_TRAINER, constants: dict | None = None,
+              **overrides: str) -> Path:
+    """A set-up project copy committed in a fresh git repository (as a user's clone would be):
+    the fake trainer, or the reference one (`trainer_source=None`) with `constants` rewritten."""
+    root = copy_project(dest)
+    shutil.copy(PROJECT / ".gitignore", root / ".gitignore")
+    git(root, "init", "-q", "-b", "main")
+    git(root, "config", "user.email", "test@example.com")
+    git(root, "config", "user.name", "test")
+    make_tiny_setup(root, "cuda", **overrides)
+    if trainer_source is not None:
+        (root / TRAINER).write_text(trainer_source)
+    if constants:
+        write_constants(root / TRAINER, constants)
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "start")
+    return root
+
+
+def clone_dir(src: Path, dest: Path) -> Path:
+    """A byte copy of a repository with its state folder (setup config), cheaper than a setup."""
+    shutil.copytree(src, dest, symlinks=True)
+    return dest
+
+
+def cli_env(root: Path, **env: str) -> dict[str, str]:
+    full_env = dict(os.environ, AUTORESEARCH_ROOT=str(root), AUTORESEARCH_DEVICE="cpu", COLUMNS="200", **env)
+    full_env.pop(LOCK_TOKEN_ENV, None)
+    return full_env
+
+
+def cli(root: Path, *args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "autoresearch", *args], cwd=root, env=cli_env(root, **env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def session_paths(root: Path, tag: str = TAG) -> SessionPaths:
+    return SessionPaths(root / ".git" / "autoresearch" / "sessions" / tag)
+
+
+def ledger(root: Path, tag: str = TAG):
+    return read_rows(session_paths(root, tag).ledger)
+
+
+def edit(root: Path, old: str, new: str, path: str = TRAINER) -> None:
+    file = root / path
+    text = file.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    file.write_text(text.replace(old, new, 1))
+
+
+def set_constant(root: Path, name: str, value) -> None:
+    """Edit one hyperparameter of the trainer, whatever its current value (as an agent would)."""
+    write_constants(root / TRAINER, {name: value})
+
+
+def best_commit(root: Path) -> str:
+    return git(root, "rev-parse", "HEAD")
+
+
+def assert_clean_on_branch(root: Path, tag: str = TAG) -> None:
+    assert git(root, "rev-parse", "--abbrev-ref", "HEAD") == f"autoresearch/{tag}"
+    assert git(root, "status", "--porcelain") == ""
