@@ -184,6 +184,56 @@ def choose_attention(facts: PlatformFacts, dtype: str, device: str = "cuda",
     return fa3, f"{repo}, verified by a test call on this GPU"
 
 
+def choose_window_attention(facts: PlatformFacts, compile_on: bool, fa3_on: bool,
+                            probe: Callable[[], None]) -> tuple[bool, str]:
+    """(sliding windows through compiled flex_attention?, reason). Without FA3, SDPA can only do a
+    window with a dense mask, which also rules out its flash kernel; flex_attention's block mask
+    skips the blocks outside the window, but it needs a GPU for its backward and is fast only
+    compiled. One real compiled call, checked against the dense mask, decides."""
+    if fa3_on:
+        return False, "FA3 does sliding windows natively"
+    if facts.device_type != "cuda":
+        return False, f"device {facts.device_type}: flex_attention has no backward here; windows use an SDPA mask"
+    if not compile_on:
+        return False, "flex_attention is only fast compiled and torch.compile is off; windows use an SDPA mask"
+    try:
+        probe()
+    except Exception as exc:
+        return False, f"flex_attention failed its test call ({why(exc)}); windows use an SDPA mask"
+    return True, "sliding windows through compiled flex_attention (block-sparse), verified by a test call"
+
+
+def probe_flex_windows(device: str, dtype: str = "bf16") -> None:
+    """Compile flex_attention with a sliding-window block mask, run it forward and backward, and
+    compare with SDPA and the equivalent dense mask. Raises if anything fails or disagrees."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    dev = torch.device(device)
+    T, window = 512, 128
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    g = torch.Generator(device="cpu").manual_seed(0)
+    base = [torch.randn(2, 4, T, 64, generator=g).to(dev, torch_dtype) for _ in range(3)]
+    block_mask = create_block_mask(lambda b, h, q, k: (q >= k) & (q - k <= window), B=None, H=None,
+                                   Q_LEN=T, KV_LEN=T, device=dev)
+    i = torch.arange(T, device=dev)
+    dense = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] <= window)
+    outputs = []
+    for attend in (torch.compile(lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask), dynamic=False),
+                   lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)):
+        q, k, v = (t.clone().requires_grad_(True) for t in base)
+        y = attend(q, k, v)
+        y.float().square().sum().backward()
+        outputs.append((y.detach().float(), q.grad.float()))
+    (y_flex, g_flex), (y_ref, g_ref) = outputs
+    tol = 2e-2 if torch_dtype == torch.bfloat16 else 1e-4  # relative error of the whole tensor
+    for name, got, ref in (("output", y_flex, y_ref), ("gradient", g_flex, g_ref)):
+        error = ((got - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+        if not error <= tol:
+            raise RuntimeError(f"flex_attention {name} disagrees with the dense-mask reference (relative error {error:.2e})")
+
+
 def verify_flash_attention(fa3: Any, device: str = "cuda") -> None:
     """One real call on small tensors, checked against SDPA with a sliding window. Consumer
     Blackwell (sm_120) loads the kernel and then fails at the first call; this catches that (and a

@@ -378,3 +378,29 @@ def test_the_frozen_helper_imports_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(hp.Path(hp.__file__).resolve().parents[1]))
     assert out.stdout.strip() == "False"
+
+
+# -- sliding windows without FA3 -------------------------------------------------------------------
+
+def _probe_ok() -> None:
+    pass
+
+
+def _probe_fails() -> None:
+    raise RuntimeError("Triton could not compile the flex kernel")
+
+
+def test_windows_use_flex_attention_only_on_a_gpu_with_compile_and_a_passing_probe():
+    from harness.platform import PlatformFacts, choose_window_attention
+
+    gpu = PlatformFacts(device_type="cuda", device_name="NVIDIA H100 80GB HBM3", capability=(9, 0), has_triton=True)
+    assert choose_window_attention(gpu, compile_on=True, fa3_on=False, probe=_probe_ok)[0] is True
+    off, why = choose_window_attention(gpu, compile_on=True, fa3_on=True, probe=_probe_ok)
+    assert not off and "FA3" in why
+    off, why = choose_window_attention(gpu, compile_on=False, fa3_on=False, probe=_probe_ok)
+    assert not off and "compile" in why
+    off, why = choose_window_attention(gpu, compile_on=True, fa3_on=False, probe=_probe_fails)
+    assert not off and "Triton could not compile" in why
+    cpu = PlatformFacts(device_type="cpu")
+    off, why = choose_window_attention(cpu, compile_on=True, fa3_on=False, probe=_probe_ok)
+    assert not off and "no backward" in why

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from harness.context import load_context  # noqa: E402
 from harness.flops import peak_flops  # noqa: E402
 from harness.platform import (  # noqa: E402
-    check_batch_sizes, choose_attention, choose_compile, choose_dtype, free_device_memory, probe_compile,
-    process_peak_rss_mb, run_with_oom_ladder, torch_facts,
+    check_batch_sizes, choose_attention, choose_compile, choose_dtype, choose_window_attention, free_device_memory,
+    probe_compile, probe_flex_windows, process_peak_rss_mb, run_with_oom_ladder, torch_facts,
 )
 
 # ---------------------------------------------------------------------------
@@ -69,6 +69,7 @@ class Platform:
     dtype: torch.dtype  # compute dtype: bf16 under autocast, or fp32 with autocast off
     compile: bool
     flash_attn: Any  # a verified FA3 interface, or None for SDPA
+    flex_windows: bool  # sliding windows through compiled flex_attention instead of an SDPA mask
     device_name: str  # for MFU (harness.flops matches it against its peak table)
 
     @property
@@ -105,12 +106,15 @@ def detect_platform(requested: str) -> Platform:
     dtype_name, dtype_why = choose_dtype(facts)
     compile_on, compile_why = choose_compile(facts, lambda: probe_compile(str(device)))
     fa3, attn_why = choose_attention(facts, dtype_name, str(device))
+    flex, flex_why = choose_window_attention(facts, compile_on, fa3 is not None,
+                                             lambda: probe_flex_windows(str(device), dtype_name))
     print(f"Device: {device} ({facts.device_name}{', ROCm' if facts.is_hip else ''}; {facts.host})")
     print(f"  dtype:     {'bf16 autocast' if dtype_name == 'bf16' else 'fp32'}: {dtype_why}")
     print(f"  compile:   {'on' if compile_on else 'off (eager)'}: {compile_why}")
     print(f"  attention: {'FA3' if fa3 is not None else 'SDPA'}: {attn_why}")
+    print(f"  windows:   {'flex_attention' if flex else 'FA3' if fa3 is not None else 'SDPA mask'}: {flex_why}")
     return Platform(device=device, dtype=DTYPES[dtype_name], compile=compile_on, flash_attn=fa3,
-                    device_name=facts.device_name)
+                    flex_windows=flex, device_name=facts.device_name)
 
 # ---------------------------------------------------------------------------
 # Model
@@ -162,7 +166,14 @@ def band_mask(T, window, device):
     return _cached_band_mask(T, window, device)
 
 
-def attention(q, k, v, window, fa3=None):
+def sliding_window_block_mask(T, window, device):
+    """flex_attention block mask for keys [i - window, i]: compiled kernels skip whole blocks outside it."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    return create_block_mask(lambda b, h, q, k: (q >= k) & (q - k <= window), B=None, H=None,
+                             Q_LEN=T, KV_LEN=T, device=device)
+
+
+def attention(q, k, v, window, fa3=None, block_mask=None):
     """Causal attention on (B, T, H, D) tensors where query i sees keys [i - window, i]."""
     if fa3 is not None:
         return fa3.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
@@ -171,6 +182,9 @@ def attention(q, k, v, window, fa3=None):
     gqa = k.size(1) < q.size(1)
     if window >= T - 1:  # the window covers the whole context: plain causal (flash-capable) SDPA
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    elif block_mask is not None and torch.compiler.is_compiling():  # eager flex is slow: eval uses the mask
+        from torch.nn.attention.flex_attention import flex_attention
+        y = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=band_mask(T, window, q.device), enable_gqa=gqa)
     return y.transpose(1, 2)
@@ -193,7 +207,7 @@ class CausalSelfAttention(nn.Module):
         self.ve_gate_channels = 32
         self.ve_gate = nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False) if has_ve(layer_idx, config.n_layer) else None
 
-    def forward(self, x, ve, cos_sin, window):
+    def forward(self, x, ve, cos_sin, window, block_mask=None):
         B, T, C = x.size()
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -206,7 +220,7 @@ class CausalSelfAttention(nn.Module):
         cos, sin = cos_sin
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q), norm(k)  # QK-norm
-        y = attention(q, k, v, window, self.fa3)
+        y = attention(q, k, v, window, self.fa3, block_mask)
         return self.c_proj(y.contiguous().view(B, T, -1))
 
 
@@ -226,8 +240,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx, fa3)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos_sin, window):
-        x = x + self.attn(norm(x), ve, cos_sin, window)
+    def forward(self, x, ve, cos_sin, window, block_mask=None):
+        x = x + self.attn(norm(x), ve, cos_sin, window, block_mask)
         x = x + self.mlp(norm(x))
         return x
 
@@ -237,6 +251,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.window_sizes = self._compute_window_sizes(config)
+        self.block_masks = {}  # window -> flex_attention block mask, filled when flex windows are used
         self.transformer = nn.ModuleDict({
             "wte": nn.Embedding(config.vocab_size, config.n_embd),
             "h": nn.ModuleList([Block(config, i, fa3) for i in range(config.n_layer)]),
@@ -328,7 +343,8 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos_sin, self.window_sizes[i])
+            window = self.window_sizes[i]
+            x = block(x, ve, cos_sin, window, self.block_masks.get(window))
         x = norm(x)
         softcap = 15
         logits = self.lm_head(x).float()
@@ -564,17 +580,19 @@ def apply_schedules(optimizer, step, progress):
 
 def main() -> None:
     ctx = load_context()
+    if ctx.device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")  # TF32 for the few fp32 matmuls (before the compile probe)
     plat = detect_platform(ctx.device)
     torch.manual_seed(SEED)
-    if plat.device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 for the few fp32 matmuls
     T = ctx.MAX_SEQ_LEN
     print(f"Vocab size: {ctx.vocab_size:,}")
 
     config = build_model_config(ctx.vocab_size, T)
     print(f"Model config: {asdict(config)}")
     model = build_model(config, plat.device, plat.dtype, plat.flash_attn)
-    if plat.flash_attn is None and any(w < T - 1 for w in model.window_sizes):
+    if plat.flex_windows:
+        model.block_masks = {w: sliding_window_block_mask(T, w, plat.device) for w in set(model.window_sizes) if w < T - 1}
+    elif plat.flash_attn is None and any(w < T - 1 for w in model.window_sizes):
         print(f'WARNING: sliding windows through SDPA use an explicit mask, which costs more than FA3; '
               f'WINDOW_PATTERN = "L" is faster here (now {WINDOW_PATTERN!r})')
     param_counts = model.num_scaling_params()
