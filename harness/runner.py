@@ -160,10 +160,10 @@ def _same(printed: str, value: float) -> bool:
 
 
 def _crash_reason(log: str, returncode: int) -> str:
-    lowered = log.lower()
-    if "out of memory" in lowered or "outofmemoryerror" in lowered:
-        return "out of memory: " + (_last_line(log, "memory") or "")
     line = _last_error_line(log)
+    # Judged on the final error only: an OOM that the start-up ladder recovered from stays in the log.
+    if re.search(r"out of memory|OutOfMemoryError|MemoryError", line, re.IGNORECASE):
+        return "out of memory: " + line
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name

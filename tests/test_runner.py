@@ -137,3 +137,12 @@ def test_the_caller_learns_the_trainers_pid_as_soon_as_it_starts(tmp_path):
                              on_start=lambda pid: started.append((pid, pid_alive(pid))))
     assert outcome.status == "crash"  # it never reports a result; what matters is the pid
     assert started == [(int(outcome.log_path.read_text().split()[1]), True)]  # once, while it ran
+
+
+def test_an_out_of_memory_the_ladder_recovered_from_does_not_name_a_later_crash(tmp_path):
+    outcome = run(make_trainer(tmp_path, """
+        print("out of memory at DEVICE_BATCH_SIZE=128; retrying at 64 with 4 accumulation steps")
+        raise KeyError("lm_head")
+    """))
+    assert outcome.status == "crash"
+    assert outcome.reason == "KeyError: 'lm_head'"
