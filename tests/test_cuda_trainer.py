@@ -3,26 +3,16 @@ and one short real training run of the cpu-tiny preset."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-TRAINER = ROOT / "backends" / "cuda" / "train.py"
+from trainer_helpers import check_trained, load_trainer
 
 
-def _load_trainer():
-    spec = importlib.util.spec_from_file_location("cuda_train", TRAINER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # defines everything; main() only runs as a script
-    return module
 
-
-tr = _load_trainer()
+tr = load_trainer('cuda')
 CPU = torch.device("cpu")
 
 
@@ -332,9 +322,5 @@ def test_requesting_cuda_without_cuda_says_what_to_do():
 def test_trains_cpu_tiny_preset_and_lowers_the_loss(tiny_setup):
     # the fixture's project copy has the cpu-tiny constants written into its train.py by `setup`
     proc = tiny_setup.run_trainer(PYTHONUNBUFFERED="1", AUTORESEARCH_COMPILE="", AUTORESEARCH_DTYPE="")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert re.search(r"^val_bpb:\s+\d+\.\d+", proc.stdout, re.M), proc.stdout[-3000:]
-    losses = [float(v) for v in re.findall(r"step \d+ \(.*?\| loss: ([\d.]+)", proc.stdout)]
-    assert len(losses) > 10, proc.stdout[-3000:]
-    assert losses[-1] < losses[0] - 0.5, (losses[0], losses[-1])
-    assert "attention: SDPA" in proc.stdout and "compile:   off (eager)" in proc.stdout
+    out = check_trained(proc, "cuda")
+    assert "attention: SDPA" in out and "compile:   off (eager)" in out

@@ -24,31 +24,24 @@ Tolerances, and why:
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
+from trainer_helpers import load_trainer, parity_weights
 
 torch = pytest.importorskip("torch")
 mx = pytest.importorskip("mlx.core", reason="the MLX trainer needs mlx (pip install 'mlx[cpu]' on Linux)")
 
-ROOT = Path(__file__).resolve().parents[1]
 LOGITS_ATOL = 1e-4
 LOSS_RTOL = 1e-5
 ADAMW_UPDATE_RTOL = 1e-2
 MUON_UPDATE_RTOL = 2e-2
 
 
-def _load(backend):
-    spec = importlib.util.spec_from_file_location(f"{backend}_train_parity", ROOT / "backends" / backend / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # defines everything; main() only runs as a script
-    return module
 
 
-ref = _load("cuda")
-ml = _load("mlx")
+ref = load_trainer("cuda")
+ml = load_trainer("mlx")
 mx.set_default_device(mx.cpu)
 
 # GQA (4 query heads, 2 kv heads), value embeddings with gates on layers 0 and 2, a sliding window on
@@ -58,19 +51,7 @@ CONFIG = dict(sequence_len=64, vocab_size=512, n_layer=3, n_head=4, n_kv_head=2,
 
 @pytest.fixture(scope="module")
 def weights():
-    """The reference's own init, with every zero-initialised weight made random (zero projections
-    and gates would hide whole paths from the comparison) and a head large enough for real logits."""
-    torch.manual_seed(0)
-    model = ref.build_model(ref.GPTConfig(**CONFIG), torch.device("cpu"), torch.float32)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "c_proj" in name or "ve_gate" in name:
-                p.uniform_(-0.05, 0.05, generator=g)
-        model.lm_head.weight.normal_(0.0, 0.05, generator=g)
-        model.resid_lambdas.copy_(1.0 + 0.1 * torch.randn(CONFIG["n_layer"], generator=g))
-        model.x0_lambdas.copy_(0.1 + 0.05 * torch.randn(CONFIG["n_layer"], generator=g))
-    return {name: p.detach().numpy().copy() for name, p in model.named_parameters()}
+    return {name: w.numpy().copy() for name, w in parity_weights(ref, CONFIG).items()}
 
 
 def torch_model(weights):

@@ -3,13 +3,13 @@ step, platform choices, and one short real training run of the cpu-tiny preset."
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+from trainer_helpers import check_trained, load_trainer
 
 mx = pytest.importorskip("mlx.core", reason="the MLX trainer needs mlx (pip install 'mlx[cpu]' on Linux)")
 
@@ -17,14 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAINER = ROOT / "backends" / "mlx" / "train.py"
 
 
-def _load_trainer():
-    spec = importlib.util.spec_from_file_location("mlx_train", TRAINER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # defines everything; main() only runs as a script
-    return module
-
-
-ml = _load_trainer()
+ml = load_trainer('mlx')
 mx.set_default_device(mx.cpu)
 
 
@@ -390,13 +383,5 @@ def test_trainer_never_imports_torch():
 @pytest.mark.slow
 def test_trains_cpu_tiny_preset_and_lowers_the_loss(tiny_setup_factory):
     setup = tiny_setup_factory("mlx")
-    proc = setup.run_trainer(timeout=300, PYTHONUNBUFFERED="1")
-    out = proc.stdout
-    assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
-    val = re.search(r"^val_bpb:\s+(\d+\.\d+)", out, re.M)
-    assert val and math.isfinite(float(val.group(1))), out[-3000:]
-    assert re.search(r"^backend:\s+mlx$", out, re.M)
-    losses = [float(v) for v in re.findall(r"^step \d+ .*?\| loss: ([\d.]+)", out, re.M)]  # text mode turns \r into \n
-    assert len(losses) > 10, out[-3000:]
-    assert losses[-1] < losses[0] - 0.5, (losses[0], losses[-1])
+    out = check_trained(setup.run_trainer(timeout=300, PYTHONUNBUFFERED="1"), "mlx")
     assert "attention: mx.fast.scaled_dot_product_attention" in out

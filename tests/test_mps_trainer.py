@@ -4,29 +4,18 @@ eval memory, and one real training run of the cpu-tiny preset on device cpu."""
 
 from __future__ import annotations
 
-import importlib.util
-import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
 from harness.evaluate import ACCELERATOR_BUDGET_BYTES, micro_batch_size
 from harness.presets import load_presets
-
-ROOT = Path(__file__).resolve().parents[1]
-TRAINER = ROOT / "backends" / "mps" / "train.py"
+from trainer_helpers import check_trained, load_trainer
 
 
-def _load_trainer():
-    spec = importlib.util.spec_from_file_location("mps_train", TRAINER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # defines everything; main() only runs as a script
-    return module
 
-
-tr = _load_trainer()
+tr = load_trainer('mps')
 CONFIG = dict(sequence_len=32, vocab_size=97, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SL")
 
 
@@ -130,13 +119,5 @@ def test_apple_presets_keep_the_final_eval_far_below_metals_buffer_limits():
 def test_trains_cpu_tiny_preset_on_cpu_and_beats_the_unigram_baseline(tiny_setup_factory):
     setup = tiny_setup_factory("mps")
     proc = setup.run_trainer(timeout=300, PYTHONUNBUFFERED="1", AUTORESEARCH_COMPILE="", AUTORESEARCH_DTYPE="")
-    out = proc.stdout
-    assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
-    val = float(re.search(r"^val_bpb:\s+(\d+\.\d+)", out, re.M).group(1))
-    unigram = float(re.search(r"^unigram_bpb:\s+(\d+\.\d+)", out, re.M).group(1))
-    assert math.isfinite(val) and val < unigram, (val, unigram)
-    assert re.search(r"^backend:\s+mps$", out, re.M)
-    losses = [float(v) for v in re.findall(r"^step \d+ .*?\| loss: ([\d.]+)", out, re.M)]  # text mode turns \r into \n
-    assert len(losses) > 10, out[-3000:]
-    assert losses[-1] < losses[0] - 0.5, (losses[0], losses[-1])
+    out = check_trained(proc, "mps")
     assert "attention: SDPA" in out and "Sliding windows: a band-masked SDPA layer measured" in out

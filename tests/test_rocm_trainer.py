@@ -4,8 +4,6 @@ one real training run of the cpu-tiny preset on device cpu."""
 
 from __future__ import annotations
 
-import importlib.util
-import math
 import re
 from pathlib import Path
 
@@ -13,19 +11,13 @@ import pytest
 import torch
 
 from harness.flops import peak_flops
+from trainer_helpers import check_trained, load_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINER = ROOT / "backends" / "rocm" / "train.py"
 
 
-def _load_trainer():
-    spec = importlib.util.spec_from_file_location("rocm_train", TRAINER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # defines everything; main() only runs as a script
-    return module
-
-
-tr = _load_trainer()
+tr = load_trainer('rocm')
 
 
 def test_rocm_is_recognised_by_torch_version_hip_never_by_the_device_name():
@@ -86,13 +78,5 @@ def test_sliding_windows_are_kept_and_match_plain_softmax_attention():
 def test_trains_cpu_tiny_preset_on_cpu_and_beats_the_unigram_baseline(tiny_setup_factory):
     setup = tiny_setup_factory("rocm")
     proc = setup.run_trainer(timeout=300, PYTHONUNBUFFERED="1", AUTORESEARCH_COMPILE="", AUTORESEARCH_DTYPE="")
-    out = proc.stdout
-    assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
-    val = float(re.search(r"^val_bpb:\s+(\d+\.\d+)", out, re.M).group(1))
-    unigram = float(re.search(r"^unigram_bpb:\s+(\d+\.\d+)", out, re.M).group(1))
-    assert math.isfinite(val) and val < unigram, (val, unigram)
-    assert re.search(r"^backend:\s+rocm$", out, re.M)
-    losses = [float(v) for v in re.findall(r"^step \d+ .*?\| loss: ([\d.]+)", out, re.M)]  # text mode turns \r into \n
-    assert len(losses) > 10, out[-3000:]
-    assert losses[-1] < losses[0] - 0.5, (losses[0], losses[-1])
+    out = check_trained(proc, "rocm")
     assert "Sliding windows: a band-masked SDPA layer measured" in out  # cpu-tiny keeps "SL"

@@ -25,13 +25,11 @@ term moves an update by O(1) of its norm.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
+from trainer_helpers import load_trainer, parity_weights
 
-ROOT = Path(__file__).resolve().parents[1]
 LOGITS_ATOL = 1e-5
 LOSS_RTOL = 1e-6
 ADAMW_UPDATE_RTOL = 1e-4
@@ -42,33 +40,16 @@ MUON_UPDATE_RTOL = 2e-3
 CONFIG = dict(sequence_len=64, vocab_size=512, n_layer=3, n_head=4, n_kv_head=2, n_embd=128, window_pattern="SL")
 
 
-def _load(backend):
-    spec = importlib.util.spec_from_file_location(f"{backend}_train_parity", ROOT / "backends" / backend / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # defines everything; main() only runs as a script
-    return module
 
 
-TRAINERS = {name: _load(name) for name in ("cuda", "mps", "rocm")}
+TRAINERS = {name: load_trainer(name, f"{name}_train_parity") for name in ("cuda", "mps", "rocm")}
 ref = TRAINERS["cuda"]
 OTHERS = ("mps", "rocm")
 
 
 @pytest.fixture(scope="module")
 def weights():
-    """The reference's own init, with every zero-initialised weight made random (zero projections
-    and gates would hide whole paths from the comparison) and a head large enough for real logits."""
-    torch.manual_seed(0)
-    model = ref.build_model(ref.GPTConfig(**CONFIG), torch.device("cpu"), torch.float32)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "c_proj" in name or "ve_gate" in name:
-                p.uniform_(-0.05, 0.05, generator=g)
-        model.lm_head.weight.normal_(0.0, 0.05, generator=g)
-        model.resid_lambdas.copy_(1.0 + 0.1 * torch.randn(CONFIG["n_layer"], generator=g))
-        model.x0_lambdas.copy_(0.1 + 0.05 * torch.randn(CONFIG["n_layer"], generator=g))
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
+    return parity_weights(ref, CONFIG)
 
 
 def model_of(backend, weights):
