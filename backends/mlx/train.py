@@ -23,7 +23,6 @@ if openblas:
 import gc  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
-import platform as host  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
@@ -38,6 +37,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from harness.context import load_context  # noqa: E402
 from harness.flops import peak_flops  # noqa: E402
+from harness.platform import cpu_name  # noqa: E402 (torch-free: imports nothing heavy)
 
 # ---------------------------------------------------------------------------
 # Hyperparameters (edit these directly)
@@ -113,16 +113,6 @@ def blas_report() -> str:
             return f"OpenBLAS ({openblas}) loaded before mlx.core (measured: matmul ~15x, step ~5x faster)"
         return "OpenBLAS not found: MLX's bundled reference BLAS makes a step ~5x slower; apt-get install libopenblas0-pthread"
     return "Accelerate (macOS)" if sys.platform == "darwin" else "MLX's bundled BLAS"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return host.processor() or host.machine() or "cpu"
 
 
 def gpu_available() -> bool:
