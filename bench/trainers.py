@@ -24,6 +24,8 @@ from typing import Callable
 import numpy as np
 import torch  # first: see the module docstring
 
+from harness.platform import cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, SEQ_LEN, BATCH = 4096, 256, 16
 MODEL = dict(depth=2, aspect_ratio=64, head_dim=64, window_pattern="SL")
@@ -98,7 +100,7 @@ def main() -> None:
     x = rng.integers(0, VOCAB, (BATCH, SEQ_LEN), dtype=np.int32)
     y = rng.integers(0, VOCAB, (BATCH, SEQ_LEN), dtype=np.int32)
 
-    print(f"cpu-tiny step on {tr.cpu_name()} ({os.cpu_count()} cores, {platform.system()}): "
+    print(f"cpu-tiny step on {cpu_name()} ({os.cpu_count()} cores, {platform.system()}): "
           f"depth {MODEL['depth']}, seq {SEQ_LEN}, vocab {VOCAB}, {BATCH} rows = {BATCH * SEQ_LEN} tokens/step, fp32")
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads); mlx {ml.mx.__version__}: {ml.blas_report()}")
     results = measure({
