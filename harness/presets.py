@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness.config import EvaluatorConstants
+from harness.data import SOURCES  # the one list of data sources (stdlib-only imports)
 from harness.paths import BACKENDS, PROJECT_ROOT
 
 if sys.version_info >= (3, 11):
@@ -37,7 +38,6 @@ PRESETS_DIR = PROJECT_ROOT / "presets"
 DEFAULT_PRESET = "h100"  # upstream karpathy/autoresearch's settings: the reference tier
 VENDORS = ("nvidia", "amd", "apple", "cpu")
 VENDOR_ORDER = {vendor: i for i, vendor in enumerate(VENDORS)}
-DATA_SOURCES = ("climbmix", "fineweb-edu", "tinystories", "builtin")  # plus "local:PATH"
 
 
 class PresetError(ValueError):
@@ -203,8 +203,9 @@ def parse_preset(data: dict[str, Any], path: Path) -> Preset:
     _require(ev["BASELINE_REPEATS"] >= 2, path, "evaluator.BASELINE_REPEATS",
              "must be >= 2 (the noise floor needs at least two baseline runs)")
     source = ev["DATA_SOURCE"]
-    _require(source in DATA_SOURCES or (source.startswith("local:") and len(source) > 6), path,
-             "evaluator.DATA_SOURCE", f"is {source!r}; use one of {', '.join(DATA_SOURCES)} or local:PATH")
+    named = [name for name in SOURCES if not name.startswith("local:")]
+    _require(source in named or (source.startswith("local:") and len(source) > 6), path,
+             "evaluator.DATA_SOURCE", f"is {source!r}; use one of {', '.join(named)} or local:PATH")
     _require(ev["EVAL_TOKENS"] % ev["MAX_SEQ_LEN"] == 0, path, "evaluator.EVAL_TOKENS",
              f"({ev['EVAL_TOKENS']}) must be a multiple of MAX_SEQ_LEN ({ev['MAX_SEQ_LEN']})")
 
