@@ -70,10 +70,11 @@ def run_setup(request: SetupRequest, log: Log = _stderr) -> RunConfig:
     from harness.trainer_constants import write_constants
 
     report = detect.probe()
-    choice = detect.choose(report, load_presets(), backend=request.backend, preset=request.preset)
+    presets = load_presets()
+    choice = detect.choose(report, presets, backend=request.backend, preset=request.preset)
     for what, reason in choice.reasons.items():
         log(f"{what}: {reason}")
-    preset = get_preset(choice.preset)
+    preset = get_preset(choice.preset, presets)
     evaluator = apply_overrides(preset.evaluator, request.overrides, request.data)
 
     log(f"data: {evaluator.DATA_SOURCE}")
