@@ -11,8 +11,8 @@ import typer
 from autoresearch.output import err, fail, print_json
 
 if TYPE_CHECKING:
-    from harness.detect import Choice, HardwareReport
-    from harness.presets import Preset
+    from harness.hardware.detect import Choice, HardwareReport
+    from harness.hardware.presets import Preset
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 BackendOpt = Annotated[Optional[str], typer.Option(
@@ -24,7 +24,7 @@ LABEL_WIDTH = 14
 
 
 def _load_presets() -> dict[str, "Preset"]:
-    from harness.presets import PresetError, load_presets
+    from harness.hardware.presets import PresetError, load_presets
 
     try:
         return load_presets()
@@ -93,7 +93,7 @@ def detect(
 
     Reports OS, WSL, Python, frameworks (torch CUDA/HIP/MPS, mlx), accelerators and the probes
     that found nothing; then the choice, each part with its reason."""
-    from harness.detect import choose, probe
+    from harness.hardware.detect import choose, probe
 
     presets = _load_presets()
     with err.status("probing hardware and importing frameworks..."):

@@ -82,7 +82,7 @@ def gather_facts(root: Path, program_text: str, results_path: Path | None = None
 def _session_facts(root: Path) -> dict:
     """What the active session knows (its run config, rule, noise floor, ledger), or {} when the
     repository is not on a session branch (`autoresearch/TAG`)."""
-    from harness.session import SessionPaths, load_session_config
+    from loop.session import SessionPaths, load_session_config
     from loop.decide import noise_floor
     from loop.results import noise_sigma_of, read_rows
 

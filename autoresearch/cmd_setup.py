@@ -50,7 +50,7 @@ def setup(
     except (ValueError, KeyError, FileNotFoundError) as exc:
         fail(str(exc).strip("'\""), "check the options; `autoresearch detect` shows what was detected")
     except Exception as exc:  # a download or build failure: say what and keep the traceback out
-        from harness.download import DownloadError
+        from harness.data.download import DownloadError
 
         if isinstance(exc, DownloadError):
             fail(str(exc))
@@ -77,7 +77,7 @@ def run(
     """
     from harness.config import default_config_path, load_config
     from harness.paths import repo_root
-    from harness.runner import run_experiment
+    from harness.scoring.runner import run_experiment
 
     root = repo_root()
     config_path = default_config_path(root)
@@ -94,7 +94,7 @@ def run(
         print_json({"status": outcome.status, "reason": outcome.reason, "summary": outcome.summary,
                     "seconds": round(outcome.seconds, 1), "log": str(log_path)})
     elif outcome.ok:
-        from harness.budget import format_summary
+        from harness.scoring.budget import format_summary
 
         print(format_summary(outcome.summary))
     if not outcome.ok:

@@ -1,4 +1,4 @@
-"""Loader benchmark: upstream's best-fit packing loop vs `harness.loader.BestFitPacker`.
+"""Loader benchmark: upstream's best-fit packing loop vs `harness.data.loader.BestFitPacker`.
 
 Both pack the same synthetic token file (lognormal document lengths, mean ~600 tokens, vocab
 8192) at T=2048, B=128 on one core. The reference is upstream's `make_dataloader` loop verbatim
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.loader import BestFitPacker
-from harness.tokens import TokenFile, TokenFileWriter
+from harness.data.loader import BestFitPacker
+from harness.data.tokens import TokenFile, TokenFileWriter
 
 VOCAB = 8192
 BOS = VOCAB - 4  # where the specials start, as in the real tokenizer

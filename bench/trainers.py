@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch  # first: see the module docstring
 
-from harness.platform import cpu_name
+from harness.hardware.platform import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, SEQ_LEN, BATCH = 4096, 256, 16

@@ -1,7 +1,7 @@
 """The configuration a run is scored under: evaluator constants plus what `setup` produced.
 
 `RunConfig` is written by `autoresearch setup` as JSON in the state folder and read by every
-trainer through `harness.context`. Everything in it is frozen for a session.
+trainer through `harness.scoring.context`. Everything in it is frozen for a session.
 """
 
 from __future__ import annotations

@@ -64,9 +64,9 @@ def artefact_key(source: str, files: list[Path], vocab_size: int) -> str:
 
 
 def run_setup(request: SetupRequest, log: Log = _stderr) -> RunConfig:
-    from harness import detect
-    from harness.data import prepare_data
-    from harness.presets import get_preset, load_presets
+    from harness.hardware import detect
+    from harness.data.sources import prepare_data
+    from harness.hardware.presets import get_preset, load_presets
     from harness.trainer_constants import write_constants
 
     report = detect.probe()
@@ -103,8 +103,8 @@ def run_setup(request: SetupRequest, log: Log = _stderr) -> RunConfig:
 
 
 def ensure_tokenizer(train_files: list[Path], vocab_size: int, directory: Path, log: Log):
-    from harness.documents import iter_documents
-    from harness.tokenizer import load_tokenizer, train_tokenizer
+    from harness.data.documents import iter_documents
+    from harness.data.tokenizer import load_tokenizer, train_tokenizer
 
     try:
         tokenizer = load_tokenizer(directory)
@@ -118,8 +118,8 @@ def ensure_tokenizer(train_files: list[Path], vocab_size: int, directory: Path, 
 
 
 def ensure_tokens(files: list[Path], tokenizer, prefix: Path, log: Log):
-    from harness.documents import iter_documents
-    from harness.tokens import TokenFile, write_token_file
+    from harness.data.documents import iter_documents
+    from harness.data.tokens import TokenFile, write_token_file
 
     try:
         tokens = TokenFile.open(prefix, verify=True)
@@ -137,9 +137,9 @@ def ensure_tokens(files: list[Path], tokenizer, prefix: Path, log: Log):
 
 def baseline_bpb(train_tokens, val_tokens, tokenizer_dir: Path, evaluator: EvaluatorConstants) -> float:
     """Unigram bpb on exactly the evaluated targets: the bar any trained model must clear."""
-    from harness.evaluate import unigram_bpb
-    from harness.loader import val_rows
-    from harness.tokenizer import load_token_bytes
+    from harness.scoring.evaluate import unigram_bpb
+    from harness.data.loader import val_rows
+    from harness.data.tokenizer import load_token_bytes
 
     rows = val_rows(val_tokens, evaluator.MAX_SEQ_LEN, evaluator.eval_rows)
     return unigram_bpb(train_tokens, rows, load_token_bytes(tokenizer_dir), evaluator.VOCAB_SIZE)

@@ -109,8 +109,8 @@ def memory_ceiling_gb(device: str) -> float | None:
     if not device:
         return None
     try:
-        from harness.detect import probe
-        from harness.presets import memory_gb, primary_accelerator
+        from harness.hardware.detect import probe
+        from harness.hardware.presets import memory_gb, primary_accelerator
 
         report = probe(frameworks=False)
         if device == "cpu":

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 from harness.files import sha256_file
-from harness.session import SessionPaths
+from loop.session import SessionPaths
 from loop.agents import build_prompt, facts_from_rows, memory_ceiling_gb, mutate, run_agent
 from loop.errors import FrozenEvaluatorError, SessionError
 from loop.journal import read_journal, read_loop_state, write_loop_state

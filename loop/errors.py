@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from harness.runner import RunOutcome
-from harness.session import Mismatch
+from harness.scoring.runner import RunOutcome
+from loop.session import Mismatch
 
 
 class SessionError(Exception):

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from harness.files import atomic_write_text
-from harness.session import SessionPaths
+from loop.session import SessionPaths
 
 
 def read_journal(paths: SessionPaths) -> dict | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from harness.paths import state_dir
 from harness.processes import pid_alive
-from harness.session import now_utc
+from loop.session import now_utc
 from loop.errors import SessionError
 
 LOCK_FILE = "session.lock"

@@ -58,8 +58,8 @@ from typing import Callable
 from harness.config import default_config_path, load_config
 from harness.files import atomic_write_text, sha256_file
 from harness.paths import state_dir, trainer_path
-from harness.runner import RunOutcome, run_experiment
-from harness.session import (
+from harness.scoring.runner import RunOutcome, run_experiment
+from loop.session import (
     Mismatch,
     SessionConfig,
     SessionPaths,

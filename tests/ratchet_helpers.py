@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from conftest import PROJECT, copy_project, make_tiny_setup
-from harness.session import SessionPaths
+from loop.session import SessionPaths
 from harness.trainer_constants import write_constants
 from loop.lock import LOCK_TOKEN_ENV
 from loop.results import read_rows
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from harness.context import load_context  # noqa: E402
+from harness.scoring.context import load_context  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # Hyperparameters (edit these directly)

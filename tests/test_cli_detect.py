@@ -14,7 +14,7 @@ import typer
 from typer.testing import CliRunner
 
 from autoresearch import cmd_detect
-from harness import presets as presets_module
+from harness.hardware import presets as presets_module
 
 PROJECT = Path(__file__).resolve().parent.parent
 TIERS = ["h100", "a100-40gb", "rtx4090", "rtx3060", "gpu-6gb", "amd-mi300", "amd-24gb",
@@ -127,7 +127,7 @@ def test_a_broken_preset_file_is_reported_not_raised(app, runner, tmp_path, monk
 
 
 def test_cli_modules_do_not_import_frameworks():
-    code = ("import sys, autoresearch.cmd_detect, harness.detect, harness.presets; "
+    code = ("import sys, autoresearch.cmd_detect, harness.hardware.detect, harness.hardware.presets; "
             "print(sorted(m for m in ('torch', 'mlx.core', 'pynvml') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

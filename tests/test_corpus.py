@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from harness.corpus import (MANIFEST, VAL_FRACTION, build_builtin_corpus, split_documents,
+from harness.data.corpus import (MANIFEST, VAL_FRACTION, build_builtin_corpus, split_documents,
                             stdlib_dir, stdlib_sources)
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -25,7 +25,7 @@ def texts(files: list[Path]) -> list[str]:
 def built(tmp_path_factory):
     """One build here and one in a fresh interpreter with another hash seed, run concurrently."""
     here, there = tmp_path_factory.mktemp("corpus-a"), tmp_path_factory.mktemp("corpus-b")
-    code = "import sys; from pathlib import Path; from harness.corpus import build_builtin_corpus; " \
+    code = "import sys; from pathlib import Path; from harness.data.corpus import build_builtin_corpus; " \
            "build_builtin_corpus(Path(sys.argv[1]))"
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(PROJECT)}
     other = subprocess.Popen([sys.executable, "-c", code, str(there)], env=env, cwd=PROJECT)

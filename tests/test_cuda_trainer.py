@@ -295,7 +295,7 @@ def test_schedules():
 # -- platform choices --------------------------------------------------------------------------
 
 # (the choices themselves, FA3, compile, dtype and the OOM ladder, are tested in test_platform.py
-# through harness.platform, which makes them for every torch trainer)
+# through harness.hardware.platform, which makes them for every torch trainer)
 
 def test_detect_platform_on_cpu_picks_sdpa_and_says_why(monkeypatch, capsys):
     monkeypatch.delenv("AUTORESEARCH_COMPILE", raising=False)

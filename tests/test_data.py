@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from harness.data import SOURCES, DataSplit, prepare_data, source_directory
+from harness.data.sources import SOURCES, DataSplit, prepare_data, source_directory
 
 
 def texts(files: list[Path]) -> list[str]:

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from harness import detect
-from harness.detect import (
+from harness.hardware import detect
+from harness.hardware.detect import (
     Accelerator,
     CpuInfo,
     Frameworks,
@@ -24,7 +24,7 @@ from harness.detect import (
     TorchInfo,
     choose,
 )
-from harness.presets import load_presets
+from harness.hardware.presets import load_presets
 
 FIXTURES = Path(__file__).parent / "fixtures" / "detect"
 PROJECT = Path(__file__).resolve().parent.parent
@@ -338,7 +338,7 @@ def test_probe_this_machine():
 
 
 def test_probe_without_frameworks_does_not_import_torch():
-    code = ("import sys; from harness.detect import probe; r = probe(frameworks=False); "
+    code = ("import sys; from harness.hardware.detect import probe; r = probe(frameworks=False); "
             "print('torch' in sys.modules, 'mlx.core' in sys.modules, r.frameworks.torch)")
     out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from harness.data import hub_url, prepare_data
-from harness.download import DownloadError, DownloadJob, download_files, validate_parquet
+from harness.data.sources import hub_url, prepare_data
+from harness.data.download import DownloadError, DownloadJob, download_files, validate_parquet
 
 FAST = dict(backoff=0.001, timeout=5.0, progress=False)
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from harness.evaluate import (
+from harness.scoring.evaluate import (
     WORKING_SET_FACTOR,
     CausalityError,
     EvaluationError,

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.loader import BestFitPacker, DataExhausted, train_batches, val_rows
-from harness.tokens import TokenFile, TokenFileWriter
+from harness.data.loader import BestFitPacker, DataExhausted, train_batches, val_rows
+from harness.data.tokens import TokenFile, TokenFileWriter
 
 BOS = 0
 VOCAB = 60_000

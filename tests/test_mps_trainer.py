@@ -9,8 +9,8 @@ import re
 import pytest
 import torch
 
-from harness.evaluate import ACCELERATOR_BUDGET_BYTES, micro_batch_size
-from harness.presets import load_presets
+from harness.scoring.evaluate import ACCELERATOR_BUDGET_BYTES, micro_batch_size
+from harness.hardware.presets import load_presets
 from trainer_helpers import check_trained, load_trainer
 
 

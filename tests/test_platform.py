@@ -1,4 +1,4 @@
-"""harness.platform: the fall-back decisions every torch trainer makes (compile, attention kernel,
+"""harness.hardware.platform: the fall-back decisions every torch trainer makes (compile, attention kernel,
 dtype, out-of-memory ladder), each driven through the function that makes it with the hardware
 facts as inputs, plus the probes that run for real on this CPU."""
 
@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from harness import platform as hp
-from harness.platform import PlatformFacts
+from harness.hardware import platform as hp
+from harness.hardware.platform import PlatformFacts
 
 LINUX_H100 = PlatformFacts(device_type="cuda", device_name="NVIDIA H100 80GB HBM3", capability=(9, 0),
                            bf16_native=True, has_triton=True, has_cxx=True)
@@ -374,7 +374,7 @@ def test_the_frozen_helper_imports_without_torch():
     import subprocess
     import sys
 
-    code = "import sys, harness.platform as p; p.host_os(); p.cpu_name(); print('torch' in sys.modules)"
+    code = "import sys, harness.hardware.platform as p; p.host_os(); p.cpu_name(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(hp.Path(hp.__file__).resolve().parents[1]))
     assert out.stdout.strip() == "False"
@@ -391,7 +391,7 @@ def _probe_fails() -> None:
 
 
 def test_windows_use_flex_attention_only_on_a_gpu_with_compile_and_a_passing_probe():
-    from harness.platform import PlatformFacts, choose_window_attention
+    from harness.hardware.platform import PlatformFacts, choose_window_attention
 
     gpu = PlatformFacts(device_type="cuda", device_name="NVIDIA H100 80GB HBM3", capability=(9, 0), has_triton=True)
     assert choose_window_attention(gpu, compile_on=True, fa3_on=False, probe=_probe_ok)[0] is True

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from harness.config import EvaluatorConstants
-from harness.detect import Accelerator, CpuInfo, HardwareReport
-from harness.presets import (
+from harness.hardware.detect import Accelerator, CpuInfo, HardwareReport
+from harness.hardware.presets import (
     PRESETS_DIR,
     TRAINER_SCHEMA,
     PresetError,

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from autoresearch.cli import app
 from harness.config import EvaluatorConstants, RunConfig, default_config_path, save_config
-from harness.detect import probe
-from harness.presets import memory_gb
+from harness.hardware.detect import probe
+from harness.hardware.presets import memory_gb
 from loop.agents import FACTS_BEGIN, FACTS_END
 from loop.results import ResultRow, append_row
 
@@ -111,7 +111,7 @@ def test_program_on_a_session_branch_uses_the_session(repo: Path):
     (z * sigma from its ledger) and its ledger of results."""
     import subprocess
 
-    from harness.session import SessionConfig, SessionPaths, save_session_config
+    from loop.session import SessionConfig, SessionPaths, save_session_config
 
     subprocess.run(["git", "init", "-q", "-b", "autoresearch/night1"], cwd=repo, check=True)
     set_up(repo)  # a later `setup` for another preset must not leak into the session's facts

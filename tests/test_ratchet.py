@@ -18,7 +18,7 @@ import pytest
 
 from conftest import PROJECT
 from harness.config import EvaluatorConstants, RunConfig
-from harness.session import (
+from loop.session import (
     SessionConfig,
     SessionPaths,
     build_manifest,
@@ -67,7 +67,7 @@ def _config(root: Path, outside: Path) -> tuple[SessionConfig, SessionPaths]:
 
 def test_the_manifest_names_every_changed_added_or_missing_frozen_file(tmp_path):
     root, outside = tmp_path / "repo", tmp_path / "cache"
-    for path, text in {"harness/evaluate.py": "x = 1\n", "harness/sub/deep.py": "", "presets/tiny.toml": "a = 1\n",
+    for path, text in {"harness/scoring/evaluate.py": "x = 1\n", "harness/sub/deep.py": "", "presets/tiny.toml": "a = 1\n",
                        "program.md": "# program\n", "pyproject.toml": "[project]\n", TRAINER: "LR = 1\n"}.items():
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_text(text)
@@ -87,7 +87,7 @@ def test_the_manifest_names_every_changed_added_or_missing_frozen_file(tmp_path)
     (outside / "tokens" / "train.bin").write_bytes(b"more training data")
     assert verify_manifest(root, config, paths) == []
 
-    (root / "harness/evaluate.py").write_text("x = 2\n")
+    (root / "harness/scoring/evaluate.py").write_text("x = 2\n")
     (root / "harness/new.py").write_text("")
     (root / "presets/tiny.toml").unlink()
     (root / "uv.lock").write_text("lock\n")
@@ -95,7 +95,7 @@ def test_the_manifest_names_every_changed_added_or_missing_frozen_file(tmp_path)
     (outside / "tokens/val.bin").write_bytes(b"\x09")
     found = {m.path: (m.problem, m.in_tree) for m in verify_manifest(root, config, paths)}
     assert found == {
-        "harness/evaluate.py": ("changed", True),
+        "harness/scoring/evaluate.py": ("changed", True),
         "harness/new.py": ("added", True),
         "presets/tiny.toml": ("missing", True),
         "uv.lock": ("added", True),
@@ -201,7 +201,7 @@ def test_start_measures_the_baseline_and_freezes_the_evaluator(session):
     assert_clean_on_branch(session)
     paths = session_paths(session)
     manifest = json.loads(paths.manifest.read_text())
-    assert "harness/evaluate.py" in manifest and "program.md" in manifest
+    assert "harness/scoring/evaluate.py" in manifest and "program.md" in manifest
     assert json.loads(paths.run_config.read_text())["preset"] == "cpu-tiny"
     # The repository's results.tsv is the ledger's copy, and git ignores it.
     assert (session / "results.tsv").read_text() == paths.ledger.read_text()
@@ -217,14 +217,14 @@ def test_a_second_session_waits_for_the_first_to_end(session):
 def test_editing_the_harness_stops_the_session_naming_the_file(session):
     before, head = ledger(session), best_commit(session)
     set_constant(session, "SEED", 43)
-    (session / "harness" / "evaluate.py").write_text((session / "harness" / "evaluate.py").read_text() + "# tweak\n")
+    (session / "harness" / "scoring" / "evaluate.py").write_text((session / "harness" / "scoring" / "evaluate.py").read_text() + "# tweak\n")
     result = cli(session, "try", "-m", "seed and a tweak to the evaluator")
     assert result.returncode == 2
-    assert "harness/evaluate.py (changed)" in result.stderr
+    assert "harness/scoring/evaluate.py (changed)" in result.stderr
     # Untouched: no row, no commit, the edits still there for a human to look at.
     assert ledger(session) == before and best_commit(session) == head
     assert "SEED = 43" in (session / TRAINER).read_text()
-    assert (session / "harness" / "evaluate.py").read_text().endswith("# tweak\n")
+    assert (session / "harness" / "scoring" / "evaluate.py").read_text().endswith("# tweak\n")
     git(session, "checkout", "--", ".")
 
     config = session_paths(session).config

@@ -182,7 +182,7 @@ def write_session(path: Path) -> None:
         ResultRow("d000001", 0.995, 2.1, "discard", "SEED 42 -> 137", noise_sigma=0.0014),
         ResultRow("c000001", 0.0, 0.0, "crash", "DEPTH 8 -> 40", reason="out of memory", noise_sigma=0.0014),
         ResultRow("k000002", 0.980, 2.3, "keep", "WARMDOWN_RATIO 0.5 -> 0.7", noise_sigma=0.0014),
-        ResultRow("r000001", 0.0, 0.0, "rejected", "edit harness", reason="changed harness/evaluate.py"),
+        ResultRow("r000001", 0.0, 0.0, "rejected", "edit harness", reason="changed harness/scoring/evaluate.py"),
         ResultRow("d000002", 0.985, 2.2, "discard", "DEPTH 8 -> 9", noise_sigma=0.0014),
         ResultRow("c000002", 0.0, 0.0, "crash", "DEPTH 8 -> 40 again", reason="out of memory", noise_sigma=0.0014),
     ):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.flops import peak_flops
+from harness.hardware.flops import peak_flops
 from trainer_helpers import check_trained, load_trainer
 
 ROOT = Path(__file__).resolve().parents[1]

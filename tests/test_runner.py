@@ -1,7 +1,7 @@
 """The runner judges a trainer process by what the harness wrote, not by what the trainer says.
 
 These trainers are tiny real scripts run as real subprocesses; the result they write is the
-harness's own format (`harness.context` writes it the same way after a real evaluation)."""
+harness's own format (`harness.scoring.context` writes it the same way after a real evaluation)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from harness.processes import pid_alive
-from harness.runner import run_experiment
+from harness.scoring.runner import run_experiment
 
 HARNESS_RESULT = """
 import json, os
-from harness.budget import format_summary
+from harness.scoring.budget import format_summary
 summary = {"val_bpb": 1.234567, "training_seconds": 1.0, "total_seconds": 2.0, "peak_vram_mb": 1.0,
            "mfu_percent": None, "total_tokens_M": 0.1, "num_steps": 12, "num_params_M": 0.5,
            "depth": 2, "backend": "cuda", "device": "cpu", "preset": "cpu-tiny",

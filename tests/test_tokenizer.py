@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.tokenizer import (
+from harness.data.tokenizer import (
     BOS_TOKEN,
     SPECIAL_TOKENS,
     SPLIT_PATTERN,

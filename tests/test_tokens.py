@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.tokenizer import train_tokenizer
-from harness.tokens import CorruptTokenFile, TokenFile, TokenFileWriter, write_token_file
+from harness.data.tokenizer import train_tokenizer
+from harness.data.tokens import CorruptTokenFile, TokenFile, TokenFileWriter, write_token_file
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 # The harness of *this* checkout, even when another checkout is pip-installed in editable mode.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from harness.context import load_context  # noqa: E402
-from harness.flops import peak_flops  # noqa: E402
-from harness.platform import (  # noqa: E402
+from harness.scoring.context import load_context  # noqa: E402
+from harness.hardware.flops import peak_flops  # noqa: E402
+from harness.hardware.platform import (  # noqa: E402
     check_batch_sizes, choose_attention, choose_compile, choose_dtype, choose_window_attention, free_device_memory,
     probe_compile, probe_flex_windows, process_peak_rss_mb, run_with_oom_ladder, torch_facts,
 )
@@ -56,7 +56,7 @@ SEED = 42  # torch RNG seed (init); data order is fixed by the harness
 # ---------------------------------------------------------------------------
 # Platform
 # ---------------------------------------------------------------------------
-# Every automatic choice is made by the frozen harness.platform from the hardware facts (so the
+# Every automatic choice is made by the frozen harness.hardware.platform from the hardware facts (so the
 # fall-backs are tested on any machine) and comes with its reason; detect_platform() prints each once.
 # Overrides: AUTORESEARCH_COMPILE=0/1 forces torch.compile off/on, AUTORESEARCH_DTYPE=bf16/fp32 the dtype.
 
@@ -70,7 +70,7 @@ class Platform:
     compile: bool
     flash_attn: Any  # a verified FA3 interface, or None for SDPA
     flex_windows: bool  # sliding windows through compiled flex_attention instead of an SDPA mask
-    device_name: str  # for MFU (harness.flops matches it against its peak table)
+    device_name: str  # for MFU (harness.hardware.flops matches it against its peak table)
 
     @property
     def polar_dtype(self) -> torch.dtype:

@@ -35,9 +35,9 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path  # noqa: E402
 
 # The harness of *this* checkout, even when another checkout is pip-installed in editable mode.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from harness.context import load_context  # noqa: E402
-from harness.flops import peak_flops  # noqa: E402
-from harness.platform import cpu_name  # noqa: E402 (torch-free: imports nothing heavy)
+from harness.scoring.context import load_context  # noqa: E402
+from harness.hardware.flops import peak_flops  # noqa: E402
+from harness.hardware.platform import cpu_name  # noqa: E402 (torch-free: imports nothing heavy)
 
 # ---------------------------------------------------------------------------
 # Hyperparameters (edit these directly)
@@ -124,7 +124,7 @@ class Platform:
     device: mx.Device
     dtype: mx.Dtype  # compute dtype: bf16 (weights cast at use) or fp32
     compile: bool
-    device_name: str  # for MFU (harness.flops matches it against its peak table)
+    device_name: str  # for MFU (harness.hardware.flops matches it against its peak table)
 
     @property
     def polar_dtype(self) -> mx.Dtype:

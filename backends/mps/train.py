@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 # The harness of *this* checkout, even when another checkout is pip-installed in editable mode.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from harness.context import load_context  # noqa: E402
-from harness.flops import peak_flops  # noqa: E402
-from harness.platform import (  # noqa: E402
+from harness.scoring.context import load_context  # noqa: E402
+from harness.hardware.flops import peak_flops  # noqa: E402
+from harness.hardware.platform import (  # noqa: E402
     check_batch_sizes, choose_compile, choose_dtype, free_device_memory, measure_window_cost, probe_compile,
     process_peak_rss_mb, run_with_oom_ladder, torch_facts,
 )
@@ -57,7 +57,7 @@ SEED = 42  # torch RNG seed (init); data order is fixed by the harness
 # ---------------------------------------------------------------------------
 # Platform
 # ---------------------------------------------------------------------------
-# Every automatic choice is made by the frozen harness.platform from the hardware facts (so the
+# Every automatic choice is made by the frozen harness.hardware.platform from the hardware facts (so the
 # fall-backs are tested on any machine) and comes with its reason; detect_platform() prints each once.
 # Overrides: AUTORESEARCH_COMPILE=0/1 forces torch.compile off/on, AUTORESEARCH_DTYPE=bf16/fp32 the dtype.
 
@@ -69,7 +69,7 @@ class Platform:
     device: torch.device
     dtype: torch.dtype  # compute dtype: bf16 under autocast, or fp32 with autocast off
     compile: bool
-    device_name: str  # for MFU (harness.flops has no Apple entries: MFU is reported as unknown)
+    device_name: str  # for MFU (harness.hardware.flops has no Apple entries: MFU is reported as unknown)
     peak_bytes: int = 0  # the Metal driver's allocation, the max over the samples taken after each step
 
     @property

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from harness.config import CONFIG_ENV
-from harness.context import DEVICE_ENV, DIVERGED_EXIT_CODE, NONCE_ENV, RESULT_ENV
+from harness.scoring.context import DEVICE_ENV, DIVERGED_EXIT_CODE, NONCE_ENV, RESULT_ENV
 from harness.paths import trainer_path
 from harness.processes import kill_process_tree, new_process_group
 

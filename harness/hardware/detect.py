@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.paths import BACKENDS
-from harness.presets import Preset, choose_cpu_preset, choose_preset, get_preset, memory_gb, primary_accelerator
+from harness.hardware.presets import Preset, choose_cpu_preset, choose_preset, get_preset, memory_gb, primary_accelerator
 
 DRM_ROOT = Path("/sys/class/drm")
 PCI_VENDORS = {"0x10de": "nvidia", "0x1002": "amd"}

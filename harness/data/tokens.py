@@ -25,7 +25,7 @@ import numpy as np
 from harness.files import atomic_write, sha256_file
 
 if TYPE_CHECKING:
-    from harness.tokenizer import Tokenizer
+    from harness.data.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 TOKEN_DTYPE = np.uint16

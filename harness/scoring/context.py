@@ -3,7 +3,7 @@
 A trainer calls `load_context()`, trains on `ctx.train_batches(B)` while `ctx.budget` allows, then
 calls `ctx.finish(forward, ...)`. The harness (not the trainer) evaluates the returned forward
 function on the validation stream, prints the summary block and writes the machine-readable
-result that `harness.runner` trusts. Framework code is imported only inside the adapters.
+result that `harness.scoring.runner` trusts. Framework code is imported only inside the adapters.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from harness.budget import Budget, format_summary
+from harness.scoring.budget import Budget, format_summary
 from harness.config import RunConfig, load_config
 from harness.files import atomic_write_text
-from harness.flops import mfu_percent
+from harness.hardware.flops import mfu_percent
 
 RESULT_ENV = "AUTORESEARCH_RESULT"   # where the runner wants the JSON result
 NONCE_ENV = "AUTORESEARCH_RUN_NONCE"  # per-run token proving the result came from the harness
@@ -59,8 +59,8 @@ class TrainingContext:
     def train_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Endless (inputs, targets) int32 batches of shape (batch_size, MAX_SEQ_LEN),
         BOS-aligned best-fit packed, prepared on a background thread."""
-        from harness.loader import train_batches
-        from harness.tokens import TokenFile
+        from harness.data.loader import train_batches
+        from harness.data.tokens import TokenFile
 
         tokens = TokenFile.open(Path(self.config.tokens_dir) / "train")
         return train_batches(tokens, batch_size, self.MAX_SEQ_LEN)
@@ -85,10 +85,10 @@ class TrainingContext:
     ) -> dict:
         """Evaluate `forward` (inputs -> logits of shape (B, T, V)) on exactly EVAL_TOKENS
         validation positions, print the summary, write the result. Returns the summary dict."""
-        from harness.evaluate import check_causality, evaluate_bpb
-        from harness.loader import val_rows
-        from harness.tokenizer import load_token_bytes
-        from harness.tokens import TokenFile
+        from harness.scoring.evaluate import check_causality, evaluate_bpb
+        from harness.data.loader import val_rows
+        from harness.data.tokenizer import load_token_bytes
+        from harness.data.tokens import TokenFile
 
         ev = self.config.evaluator
         rows = val_rows(TokenFile.open(Path(self.config.tokens_dir) / "val"), ev.MAX_SEQ_LEN, ev.eval_rows)
@@ -131,7 +131,7 @@ class TrainingContext:
 
 def load_context(config_path: Path | None = None) -> TrainingContext:
     """Build the context for one training run from the setup (or session) configuration."""
-    from harness.tokenizer import load_tokenizer
+    from harness.data.tokenizer import load_tokenizer
 
     config = load_config(config_path)
     tokenizer = load_tokenizer(Path(config.tokenizer_dir))

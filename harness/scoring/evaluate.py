@@ -195,7 +195,7 @@ def check_causality(
 def unigram_bpb(train_tokens: Any, rows: np.ndarray, token_bytes: np.ndarray, vocab_size: int) -> float:
     """bpb of a unigram model fitted on the training tokens (add-one smoothing over the vocab),
     on the same targets and with the same exclusions as `evaluate_bpb`: the bar a trained model
-    must clear. `train_tokens` is a harness.tokens.TokenFile or anything with a `.tokens` array."""
+    must clear. `train_tokens` is a harness.data.tokens.TokenFile or anything with a `.tokens` array."""
     rows, token_bytes = _check_rows(rows, token_bytes)
     if len(token_bytes) > vocab_size:
         raise ValueError(f"token byte table has {len(token_bytes)} entries but vocab_size is {vocab_size}")

@@ -360,7 +360,7 @@ def host_os() -> tuple[str, int | None]:
         return "windows", None
     if sys.platform == "darwin":
         return "darwin", None
-    from harness.detect import parse_wsl
+    from harness.hardware.detect import parse_wsl
 
     try:
         wsl = parse_wsl(Path("/proc/version").read_text())

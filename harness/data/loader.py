@@ -23,7 +23,7 @@ from typing import Iterator
 
 import numpy as np
 
-from harness.tokens import TokenFile
+from harness.data.tokens import TokenFile
 
 
 class DataExhausted(ValueError):

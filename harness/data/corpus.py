@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from harness.download import InvalidFile, validate_parquet
+from harness.data.download import InvalidFile, validate_parquet
 from harness.files import atomic_write_text
 
 CORPUS_FORMAT = 1  # bump when the collection or split rules change: old shards are rebuilt

@@ -14,7 +14,7 @@ Sources (the validation file is pinned for each, so a score always means the sam
 - `local:PATH`  a folder of .parquet / .jsonl ("text" field) / .txt (documents separated by
                 blank lines) files; the last file in sorted order is validation, or
                 `local:PATH::NAME` names it. Other files are converted once to parquet in the cache.
-- `builtin`     the offline corpus of `harness.corpus` (stdlib docstrings + pydoc topics).
+- `builtin`     the offline corpus of `harness.data.corpus` (stdlib docstrings + pydoc topics).
 
 Remote files come from `$HF_ENDPOINT` (default https://huggingface.co), so a mirror works.
 """
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from harness.download import DownloadJob, InvalidFile, download_files, validate_parquet
+from harness.data.download import DownloadJob, InvalidFile, download_files, validate_parquet
 from harness.files import atomic_write_text
 from harness.paths import cache_dir
 
@@ -215,7 +215,7 @@ def _load_split(source: str, directory: Path, manifest: Path) -> DataSplit:
 # -- builtin ---------------------------------------------------------------------------------------
 
 def _prepare_builtin(directory: Path, progress: bool) -> DataSplit:
-    from harness.corpus import build_builtin_corpus, load_builtin_corpus
+    from harness.data.corpus import build_builtin_corpus, load_builtin_corpus
 
     try:
         corpus = load_builtin_corpus(directory)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harness.config import EvaluatorConstants
-from harness.data import SOURCES  # the one list of data sources (stdlib-only imports)
+from harness.data.sources import SOURCES  # the one list of data sources (stdlib-only imports)
 from harness.paths import BACKENDS, PROJECT_ROOT
 
 if sys.version_info >= (3, 11):
@@ -32,7 +32,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 if TYPE_CHECKING:
-    from harness.detect import Accelerator, HardwareReport
+    from harness.hardware.detect import Accelerator, HardwareReport
 
 PRESETS_DIR = PROJECT_ROOT / "presets"
 DEFAULT_PRESET = "h100"  # upstream karpathy/autoresearch's settings: the reference tier

@@ -1,0 +1,1 @@
+"""What probes the hardware and decides from it: detection, presets, platform choices, FLOPs."""
