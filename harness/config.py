@@ -17,9 +17,28 @@ from harness.paths import repo_root, state_dir
 CONFIG_ENV = "AUTORESEARCH_CONFIG"
 
 
+# The valid range of each numeric evaluator constant: (low, high, unit). A value outside it is
+# refused where it enters (`setup --set`, a preset file), never saved and then trained on.
+CONSTANT_RANGES: dict[str, tuple[float, float, str]] = {
+    "MAX_SEQ_LEN": (16, 131072, "tokens"),
+    "EVAL_TOKENS": (16, 10**10, "tokens"),
+    "TIME_BUDGET": (1, 86400, "seconds"),
+    "VOCAB_SIZE": (260, 65536, "tokens"),
+    "EVAL_BATCH_SIZE": (1, 4096, "rows"),
+    "BASELINE_REPEATS": (1, 100, "runs"),
+    "HOLDOUT_TOKENS": (0, 10**10, "tokens"),
+    "WARMUP_ALLOWANCE": (0, 3600, "seconds"),
+}
+
+
 @dataclass(frozen=True)
 class EvaluatorConstants:
-    """The constants that define what a score means. Changing one starts a new comparison track."""
+    """The constants that define what a score means. Changing one starts a new comparison track.
+
+    HOLDOUT_TOKENS sizes the holdout the evaluator scores beside validation and nobody else sees
+    (0: none, as in setups made before it existed). WARMUP_ALLOWANCE is the wall time, beyond
+    TIME_BUDGET, that the runner grants a trainer from spawn to its exported model (start-up,
+    compilation, the uncharged warm-up steps, the export); past it the run is over budget."""
 
     MAX_SEQ_LEN: int
     EVAL_TOKENS: int
@@ -28,16 +47,29 @@ class EvaluatorConstants:
     DATA_SOURCE: str
     EVAL_BATCH_SIZE: int
     BASELINE_REPEATS: int
+    HOLDOUT_TOKENS: int = 0
+    WARMUP_ALLOWANCE: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.EVAL_TOKENS % self.MAX_SEQ_LEN:
-            raise ValueError(
-                f"EVAL_TOKENS ({self.EVAL_TOKENS}) must be a multiple of MAX_SEQ_LEN ({self.MAX_SEQ_LEN})"
-            )
+        for name, (low, high, unit) in CONSTANT_RANGES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ValueError(f"{name} must be between {low:g} and {high:g} {unit}, got {value!r}")
+        if not self.DATA_SOURCE:
+            raise ValueError("DATA_SOURCE must name a data source, got an empty string")
+        for name in ("EVAL_TOKENS", "HOLDOUT_TOKENS"):
+            if getattr(self, name) % self.MAX_SEQ_LEN:
+                raise ValueError(
+                    f"{name} ({getattr(self, name)}) must be a multiple of MAX_SEQ_LEN ({self.MAX_SEQ_LEN})"
+                )
 
     @property
     def eval_rows(self) -> int:
         return self.EVAL_TOKENS // self.MAX_SEQ_LEN
+
+    @property
+    def holdout_rows(self) -> int:
+        return self.HOLDOUT_TOKENS // self.MAX_SEQ_LEN
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import pytest
 PROJECT = Path(__file__).resolve().parent.parent
 COPIED = ("autoresearch", "harness", "loop", "backends", "presets", "program.md", "pyproject.toml")
 # Small enough that a trainer run takes seconds on 2 cores, large enough to learn something.
-TINY_OVERRIDES = {"TIME_BUDGET": "4", "EVAL_TOKENS": "8192"}
+TINY_OVERRIDES = {"TIME_BUDGET": "4", "EVAL_TOKENS": "8192", "BASELINE_REPEATS": "2"}
 
 
 @dataclass(frozen=True)

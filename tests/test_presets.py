@@ -57,7 +57,8 @@ def test_h100_is_upstream(presets):
     h100 = presets["h100"]
     assert dataclasses.asdict(h100.evaluator) == {
         "MAX_SEQ_LEN": 2048, "EVAL_TOKENS": 20_971_520, "TIME_BUDGET": 300.0, "VOCAB_SIZE": 8192,
-        "DATA_SOURCE": "climbmix", "EVAL_BATCH_SIZE": 32, "BASELINE_REPEATS": 2}
+        "DATA_SOURCE": "climbmix", "EVAL_BATCH_SIZE": 32, "BASELINE_REPEATS": 5,
+        "HOLDOUT_TOKENS": 5_242_880, "WARMUP_ALLOWANCE": 120}
     assert h100.trainer == {"DEPTH": 8, "ASPECT_RATIO": 64, "HEAD_DIM": 128, "DEVICE_BATCH_SIZE": 128,
                             "TOTAL_BATCH_SIZE": 2**19, "WINDOW_PATTERN": "SSSL"}
     assert h100.backend == "cuda" and h100.num_shards == 10
@@ -67,7 +68,8 @@ def test_cpu_tiny_is_the_ci_tier(presets):
     tiny = presets["cpu-tiny"]
     assert dataclasses.asdict(tiny.evaluator) == {
         "MAX_SEQ_LEN": 256, "EVAL_TOKENS": 32768, "TIME_BUDGET": 60.0, "VOCAB_SIZE": 4096,
-        "DATA_SOURCE": "builtin", "EVAL_BATCH_SIZE": 32, "BASELINE_REPEATS": 2}
+        "DATA_SOURCE": "builtin", "EVAL_BATCH_SIZE": 32, "BASELINE_REPEATS": 5,
+        "HOLDOUT_TOKENS": 16384, "WARMUP_ALLOWANCE": 20}
     assert tiny.trainer == {"DEPTH": 2, "ASPECT_RATIO": 64, "HEAD_DIM": 64, "DEVICE_BATCH_SIZE": 16,
                             "TOTAL_BATCH_SIZE": 4096, "WINDOW_PATTERN": "SL"}
 
@@ -195,7 +197,8 @@ def write_broken(tmp_path: Path, old: str, new: str) -> Path:
     ('backend = "cuda"', 'backend = "tpu"', "backend", "choose one of"),
     ('name = "rtx3060"', 'name = "rtx-3060"', "name", "must equal the file name"),
     ('DATA_SOURCE = "tinystories"', 'DATA_SOURCE = "tinystory"', "evaluator.DATA_SOURCE", "local:PATH"),
-    ("BASELINE_REPEATS = 2", "BASELINE_REPEATS = 1", "evaluator.BASELINE_REPEATS", ">= 2"),
+    ("BASELINE_REPEATS = 5", "BASELINE_REPEATS = 1", "evaluator.BASELINE_REPEATS", ">= 2"),
+    ("WARMUP_ALLOWANCE = 120", "WARMUP_ALLOWANCE = -1", "[evaluator]", "WARMUP_ALLOWANCE must be between 0 and 3600 seconds"),
 ])
 def test_invalid_file_names_the_file_and_the_key(tmp_path, old, new, key, words):
     path = write_broken(tmp_path, old, new)

@@ -220,6 +220,10 @@ def parse_preset(data: dict[str, Any], path: Path) -> Preset:
              f"({tr['TOTAL_BATCH_SIZE']}) must be divisible by DEVICE_BATCH_SIZE * MAX_SEQ_LEN "
              f"({tr['DEVICE_BATCH_SIZE']} * {ev['MAX_SEQ_LEN']} = {micro})")
 
+    try:
+        evaluator = EvaluatorConstants(**ev)
+    except ValueError as exc:  # a range the constants themselves enforce (harness.config.CONSTANT_RANGES)
+        raise PresetError(f"{path}: '[evaluator]' {exc}") from None
     return Preset(
         name=top["name"],
         description=top["description"],
@@ -231,7 +235,7 @@ def parse_preset(data: dict[str, Any], path: Path) -> Preset:
             max_memory_gb=match.get("max_memory_gb"),
             names=tuple(names),
         ),
-        evaluator=EvaluatorConstants(**ev),
+        evaluator=evaluator,
         trainer=tr,
         path=path,
     )
