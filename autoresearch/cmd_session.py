@@ -17,7 +17,7 @@ from typing import Annotated, Callable, Iterator, Optional
 
 import typer
 
-from autoresearch.output import err, fail, info, print_json, warn
+from autoresearch.output import err, fail, info, labelled, plain, print_json, warn
 
 session_app = typer.Typer(help="Start, inspect, end or resume the repository's research session.",
                           no_args_is_help=True)
@@ -41,7 +41,7 @@ def _guarded(command: str, lock: bool = True) -> Iterator[object]:
     except SessionError as exc:
         fail(str(exc), exc.hint, code=exc.exit_code)
     except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/yellow]: stopped cleanly; `autoresearch session status` shows where things stand")
+        labelled("interrupted", "yellow", "stopped cleanly; `autoresearch session status` shows where things stand")
         raise typer.Exit(130)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)):
@@ -66,7 +66,7 @@ def _progress() -> tuple[Callable[[str], None] | None, Callable[[], None]]:
         return None, lambda: None
     status = err.status("starting...")
     status.start()
-    return (lambda line: status.update(line[:120] or "running...")), status.stop
+    return (lambda line: status.update(plain(line[:120] or "running..."))), status.stop
 
 
 def _root():

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from autoresearch.output import err, fail, info, print_json
+from autoresearch.output import err, fail, info, print_json, success
 
 BackendOpt = Annotated[Optional[str], typer.Option("--backend", help="Trainer backend: cuda, rocm, mps or mlx (default: detected).")]
 PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Hardware preset (default: detected; see `autoresearch presets`).")]
@@ -59,9 +59,9 @@ def setup(
         print_json(json.loads(config.to_json()))
     else:
         ev = config.evaluator
-        info(f"[green]ready[/green]: backend {config.backend} on {config.device}, preset {config.preset}, "
-             f"data {ev.DATA_SOURCE}, seq {ev.MAX_SEQ_LEN}, budget {ev.TIME_BUDGET:g} s, "
-             f"unigram baseline {config.unigram_bpb:.4f} bpb")
+        success("ready", f"backend {config.backend} on {config.device}, preset {config.preset}, "
+                f"data {ev.DATA_SOURCE}, seq {ev.MAX_SEQ_LEN}, budget {ev.TIME_BUDGET:g} s, "
+                f"unigram baseline {config.unigram_bpb:.4f} bpb")
         info("next: `autoresearch run`")
 
 
