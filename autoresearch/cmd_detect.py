@@ -101,7 +101,7 @@ def detect(
     try:
         choice = choose(report, presets, backend=backend, preset=preset)
     except ValueError as exc:
-        fail(str(exc), "`autoresearch detect` without overrides shows what is usable here")
+        fail(str(exc))  # it names the valid choices, or what to install
     if json_output:
         print_json({**report.to_dict(), "choice": choice.to_dict()})
     else:

@@ -40,6 +40,7 @@ def setup(
     unigram baseline and writes the preset's starting constants into the trainer. Artefacts that
     are intact are reused; partial or corrupt ones are rebuilt.
     """
+    from harness.data.download import DownloadError
     from harness.paths import repo_root
     from harness.prepare import SetupRequest, run_setup
 
@@ -47,14 +48,13 @@ def setup(
                            num_shards=num_shards, overrides=_parse_sets(set_), workers=workers)
     try:
         config = run_setup(request, log=info)
-    except (ValueError, KeyError, FileNotFoundError) as exc:
-        fail(str(exc).strip("'\""), "check the options; `autoresearch detect` shows what was detected")
-    except Exception as exc:  # a download or build failure: say what and keep the traceback out
-        from harness.data.download import DownloadError
-
-        if isinstance(exc, DownloadError):
-            fail(str(exc))
-        raise
+    except DownloadError as exc:
+        fail(exc.message, exc.hint)
+    except (ValueError, FileNotFoundError) as exc:
+        # The messages name the valid values or the fix; a hint is printed only where one exists.
+        fail(str(exc), getattr(exc, "hint", None))
+    except KeyError as exc:  # str(KeyError) is the key in quotes: show the message itself
+        fail(str(exc.args[0]) if exc.args else "a required key is missing", getattr(exc, "hint", None))
     if json_output:
         print_json(json.loads(config.to_json()))
     else:

@@ -45,10 +45,17 @@ def apply_overrides(evaluator: EvaluatorConstants, overrides: dict[str, str], da
         if name not in fields:
             raise ValueError(f"unknown evaluator constant {key!r}; valid: {', '.join(fields)}")
         kind = type(getattr(evaluator, name))
+        if kind is str:
+            changes[name] = raw
+            continue
+        what = "an integer" if kind is int else "a number"
         try:
-            changes[name] = kind(float(raw)) if kind is int and "e" in str(raw).lower() else kind(raw)
+            value = float(raw)  # ints may be written as 2e6, but are never truncated
         except ValueError:
-            raise ValueError(f"{name} must be {kind.__name__}, got {raw!r}") from None
+            raise ValueError(f"{name} must be {what}, got {raw!r}") from None
+        if kind is int and not value.is_integer():
+            raise ValueError(f"{name} must be {what}, got {raw!r}")
+        changes[name] = int(value) if kind is int else value
     if data:
         changes["DATA_SOURCE"] = data
     return dataclasses.replace(evaluator, **changes)

@@ -49,3 +49,38 @@ def test_a_path_that_looks_like_a_closing_tag_is_an_error_message_not_a_crash(pr
     assert TRACEBACK not in result.stderr and "MarkupError" not in result.stderr
     assert f"{folder} does not exist" in result.stderr
     assert len(result.stderr.splitlines()) < 12
+
+
+# -- item 4: rough messages ---------------------------------------------------------------------
+
+GENERIC_HINT = "check the options"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "EVAL_TOKENS=abc"], "Error: EVAL_TOKENS must be an integer, got 'abc'\n"),
+    (["--set", "EVAL_TOKENS=8192.5"], "Error: EVAL_TOKENS must be an integer, got '8192.5'\n"),
+    (["--set", "TIME_BUDGET=soon"], "Error: TIME_BUDGET must be a number, got 'soon'\n"),
+    (["--data", "local:"], "Error: 'local:' names no folder; write local:PATH or local:PATH::VALIDATION_FILE\n"),
+])
+def test_setup_errors_keep_their_quotes_and_carry_no_generic_hint(project, args, message):
+    result = run_cli(project, "setup", "--preset", "cpu-tiny", *args)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Hint:" not in result.stderr and GENERIC_HINT not in result.stderr
+
+
+def test_a_download_error_keeps_its_own_hint(project, tmp_path):
+    from test_download import FileServer
+
+    server = FileServer().start()  # serves nothing: every shard is a 404
+    try:
+        result = run_cli(project, "setup", "--preset", "cpu-tiny", "--data", "tinystories",
+                         AUTORESEARCH_CACHE=str(tmp_path / "cache"), HF_ENDPOINT=server.url)
+    finally:
+        server.stop()
+    assert result.returncode == 1
+    error = next(line for line in result.stderr.splitlines() if line.startswith("Error:"))
+    assert "could not download" in error and "404" in error and "HF_ENDPOINT" not in error
+    hint = next(line for line in result.stderr.splitlines() if line.startswith("Hint:"))
+    assert "HF_ENDPOINT" in hint and "--data builtin" in hint
+    assert GENERIC_HINT not in result.stderr

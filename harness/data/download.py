@@ -46,7 +46,8 @@ class DownloadError(RuntimeError):
         self.url = url
         self.reason = reason
         self.hint = hint
-        super().__init__(f"could not download {url}: {reason}\n{hint}")
+        self.message = f"could not download {url}: {reason}"  # without the hint, for the CLI
+        super().__init__(f"{self.message}\n{hint}")
 
 
 class InvalidFile(ValueError):
