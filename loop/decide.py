@@ -1,16 +1,36 @@
-"""Keep or revert: the verdict on one candidate, as a pure function of its scores.
+"""Keep or revert: the verdict on one candidate, as a pure function of its runs.
 
 Two rules:
 
-- `noise` (the default): keep a candidate only when its gain over the best beats the noise floor,
-  `max(z * sigma, min_floor)`, where sigma is the run-to-run spread the session measured on the
-  unchanged trainer. A single run landing within one sigma of that line (on either side) is too
-  close to call: the caller runs the candidate once more and asks again with both scores, and the
-  verdict is taken on their mean (no third run).
-- `strict`: upstream's ratchet: keep when one run is strictly lower than the best.
+- `noise` (the default), through `decide_candidate`:
+  - **An honest sigma.** The run-to-run spread is pooled over every repeated measurement the
+    session made (`pooled_noise`): the baseline repeats, the re-runs of candidates, the re-checks
+    of the incumbent. Pooled variance = sum of within-group squared deviations / sum of (n_i - 1);
+    the sum of (n_i - 1) is the estimate's degrees of freedom, and both go into the ledger.
+  - **Drift voiding.** Before each run the runner reads the machine's speed
+    (`harness.scoring.speed`). A candidate run whose speed moved more than `max_drift_percent`
+    from the incumbent's reference speed (the median speed of the incumbent runs it is compared
+    with) is `void`: neither kept nor discarded; the caller drops it and runs the candidate again
+    later, when the machine is back to the incumbent's conditions.
+  - **Confirmation.** One run is a screen: a gain below `screen_z` standard errors is discarded at
+    once (a clear loser costs one run); above it the candidate is an apparent keep, and a second
+    run decides. The verdict on both runs is a one-sided Student t test of the mean gain against
+    the mean of the incumbent's recent runs, with the pooled sigma and its degrees of freedom:
+    keep when `gain > max(t(1 - alpha, dof) * sigma * sqrt(1/n_candidate + 1/n_incumbent), min_floor)`.
+    Why this test: every run of every trainer in a session has the same noise (same machine, same
+    evaluator), so one variance pooled over the whole session estimates it far better than each
+    side's own handful of runs (Welch's test would rest on the candidate's 1 degree of freedom);
+    t rather than normal quantiles charge for a sigma still estimated from few runs. `alpha` is the
+    normal tail of `z` (z = 2: alpha = 2.3 %), so `--z` keeps its meaning of "sigmas" as dof grow.
+    A null change is kept only if its two-run mean passes the test, so the false-keep rate is at
+    most alpha while sigma is honest; the screen costs power only on gains near zero.
+  - With no degrees of freedom yet (one baseline run), only `min_floor` guards a keep.
+- `strict`: upstream's ratchet: keep when one run is strictly lower than the best. It ignores the
+  speed probe and never asks for confirmation, for comparability with upstream.
 
-"best" is the score of the incumbent: the mean of its runs (the baseline's k repeats, or a kept
-candidate's one or two runs). A candidate run that produced no score (`None`) is a crash.
+`decide()` and `noise_floor()` are the earlier interface (one sigma from the baseline, a flat
+`z * sigma` floor, a re-run only for a close call), kept unchanged for `loop.ratchet` until it
+moves to `decide_candidate`.
 """
 
 from __future__ import annotations
@@ -18,10 +38,13 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 RULES = ("noise", "strict")
+VERDICTS = ("keep", "discard", "crash", "void")
 DEFAULT_Z = 2.0
+DEFAULT_SCREEN_Z = 1.0
+DEFAULT_MAX_DRIFT_PERCENT = 10.0
 # The floor never drops below this, even when the measured spread is zero (a deterministic
 # backend): upstream PR #560 puts the structural floor of the fixed eval at a few 1e-4.
 DEFAULT_MIN_FLOOR = 3e-4
@@ -29,16 +52,227 @@ DEFAULT_MIN_FLOOR = 3e-4
 
 @dataclass(frozen=True)
 class Decision:
-    verdict: str  # "keep", "discard" or "crash"; meaningless while rerun_needed
-    rerun_needed: bool
+    verdict: str  # keep | discard | crash | void; a keep with needs_confirmation is provisional
+    needs_rerun: bool  # the run does not count (void): run the candidate again later
+    needs_confirmation: bool  # run the candidate once more now, then decide on both runs
     reason: str
-    val_bpb: float | None  # the score the verdict was taken on (the mean of the runs)
-    gain: float | None  # best - val_bpb: positive is an improvement
-    floor: float  # the gain a candidate had to beat
+    score: float | None  # the score the verdict was taken on (the mean of the candidate's runs)
+    gain: float | None  # incumbent - score: positive is an improvement
+    floor: float  # the gain the candidate had to beat for this verdict
+    sigma: float = 0.0
+    dof: int = 0
 
+    # The names `loop.ratchet` reads today.
+    @property
+    def rerun_needed(self) -> bool:
+        return self.needs_rerun or self.needs_confirmation
+
+    @property
+    def val_bpb(self) -> float | None:
+        return self.score
+
+
+@dataclass(frozen=True)
+class Noise:
+    """The session's run-to-run spread and the degrees of freedom it was estimated with."""
+
+    sigma: float
+    dof: int
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of a trainer: its score (None: no score, a crash) and the machine speed read
+    before it (GFLOP/s from `harness.scoring.speed`; None when not measured)."""
+
+    val_bpb: float | None
+    speed: float | None = None
+
+
+@dataclass(frozen=True)
+class Policy:
+    rule: str = "noise"
+    z: float = DEFAULT_Z  # keep at the normal tail of z sigmas (alpha), with t quantiles for the dof
+    screen_z: float = DEFAULT_SCREEN_Z  # one run below this many standard errors: discarded at once
+    min_floor: float = DEFAULT_MIN_FLOOR
+    max_drift_percent: float = DEFAULT_MAX_DRIFT_PERCENT
+    confirm: bool = True  # an apparent keep needs a second run
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"unknown keep rule {self.rule!r}: use one of {', '.join(RULES)}")
+        if not self.z > 0 or not 0 <= self.screen_z <= self.z:
+            raise ValueError(f"z must be positive and screen_z between 0 and z (got z={self.z}, screen_z={self.screen_z})")
+        if self.min_floor < 0 or not self.max_drift_percent > 0:
+            raise ValueError("min_floor must not be negative and max_drift_percent must be positive")
+
+    @property
+    def alpha(self) -> float:
+        """The one-sided level of the keep test."""
+        return 1.0 - statistics.NormalDist().cdf(self.z)
+
+
+# -- the honest sigma ---------------------------------------------------------------------------
+
+def pooled_noise(groups: Iterable[Sequence[float]]) -> Noise:
+    """Sigma pooled over groups of repeated runs, each group one unchanged trainer: sum of
+    within-group squared deviations over sum of (n_i - 1). Groups of one run add nothing."""
+    squares, dof = 0.0, 0
+    for group in groups:
+        values = list(group)
+        if any(not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
+            raise ValueError(f"a noise group holds a run without a finite score ({values}): pool scored runs only")
+        if len(values) < 2:
+            continue
+        mean = statistics.fmean(values)
+        squares += sum((v - mean) ** 2 for v in values)
+        dof += len(values) - 1
+    return Noise(math.sqrt(squares / dof) if dof else 0.0, dof)
+
+
+# -- the verdict --------------------------------------------------------------------------------
+
+def reference_speed(runs: Sequence[Run]) -> float | None:
+    """The machine speed an incumbent was measured at: the median over its runs that have one."""
+    speeds = [r.speed for r in runs if r.speed is not None]
+    return statistics.median(speeds) if speeds else None
+
+
+def speed_drift(speed: float, reference: float) -> float:
+    """Relative change from the reference: -0.2 is 20 % slower."""
+    return speed / reference - 1.0
+
+
+def decide_candidate(candidate: Sequence[Run], incumbent: Sequence[Run], noise: Noise,
+                     policy: Policy = Policy()) -> Decision:
+    """The verdict on a candidate's runs so far (one, or two after a confirmation), against the
+    incumbent's recent runs. Drop void runs before asking again."""
+    best = [r.val_bpb for r in incumbent if r.val_bpb is not None]
+    if not best:
+        raise ValueError("no incumbent score to compare with: the session has no baseline yet")
+    sigma, dof = max(noise.sigma, 0.0), noise.dof
+    if not candidate or any(r.val_bpb is None or not math.isfinite(r.val_bpb) for r in candidate):
+        return Decision("crash", False, False, "the run produced no score", None, None, 0.0, sigma, dof)
+    score = statistics.fmean(r.val_bpb for r in candidate)  # type: ignore[misc]
+    incumbent_score = statistics.fmean(best)
+    gain = incumbent_score - score
+    runs = _runs_text([r.val_bpb for r in candidate])
+
+    if policy.rule == "strict":
+        if gain > 0:
+            return Decision("keep", False, False, f"{runs} is lower than the best {incumbent_score:.6f}",
+                            score, gain, 0.0, sigma, dof)
+        return Decision("discard", False, False, f"{runs} is not lower than the best {incumbent_score:.6f}",
+                        score, gain, 0.0, sigma, dof)
+
+    void = _void_reason(candidate, incumbent, policy.max_drift_percent)
+    if void:
+        return Decision("void", True, False, void, score, gain, 0.0, sigma, dof)
+
+    se = sigma * math.sqrt(1 / len(candidate) + 1 / len(best))
+    noise_text = f"sigma {sigma:.6f}, {dof} dof"
+    if len(candidate) == 1 and policy.confirm:
+        screen = max(_critical(policy.screen_z, dof) * se, policy.min_floor)
+        if gain > screen:
+            return Decision("keep", False, True, f"gain {gain:+.6f} ({runs}) passes the screen {screen:.6f} "
+                            f"({policy.screen_z:g} SE, {noise_text}): confirming with a second run",
+                            score, gain, screen, sigma, dof)
+        return Decision("discard", False, False, f"gain {gain:+.6f} ({runs}) is below the screen {screen:.6f} "
+                        f"({policy.screen_z:g} SE, {noise_text})", score, gain, screen, sigma, dof)
+
+    test_floor = _critical(policy.z, dof) * se
+    floor = max(test_floor, policy.min_floor)
+    if dof == 0:
+        line = f"the minimum floor {floor:.6f} (no repeated runs yet: sigma unknown)"
+    elif test_floor >= policy.min_floor:
+        line = (f"the one-sided t test's floor {floor:.6f} (alpha {policy.alpha:.3f}, {noise_text}, "
+                f"{len(candidate)} vs {len(best)} runs)")
+    else:
+        line = f"the minimum floor {floor:.6f} ({noise_text})"
+    if gain > floor:
+        return Decision("keep", False, False, f"gain {gain:+.6f} ({runs}) beats {line}", score, gain, floor, sigma, dof)
+    return Decision("discard", False, False, f"gain {gain:+.6f} ({runs}) does not beat {line}",
+                    score, gain, floor, sigma, dof)
+
+
+def _void_reason(candidate: Sequence[Run], incumbent: Sequence[Run], max_percent: float) -> str:
+    reference = reference_speed(incumbent)
+    if reference is None:
+        return ""
+    for run in candidate:
+        if run.speed is None:
+            continue
+        change = speed_drift(run.speed, reference)
+        if abs(change) * 100 > max_percent:
+            return (f"void: the machine ran at {run.speed:.3g} GFLOP/s, {change:+.0%} from the incumbent's "
+                    f"{reference:.3g} GFLOP/s (limit {max_percent:g} %); run it again when the machine is back")
+    return ""
+
+
+def _critical(z: float, dof: int) -> float:
+    """The one-sided critical value at the normal tail of `z`: Student t with `dof` degrees of
+    freedom (t > z, charging for a sigma estimated from few runs); `z` itself without any."""
+    if dof <= 0:
+        return z
+    return student_t_quantile(statistics.NormalDist().cdf(z), dof)
+
+
+# -- Student t, without scipy -------------------------------------------------------------------
+
+def student_t_cdf(t: float, dof: int) -> float:
+    """P(T <= t) for Student's t with `dof` degrees of freedom."""
+    if dof <= 0:
+        raise ValueError(f"Student t needs positive degrees of freedom, not {dof}")
+    x = dof / (dof + t * t)
+    tail = 0.5 * _regularized_beta(x, dof / 2, 0.5)
+    return 1.0 - tail if t > 0 else tail
+
+
+def student_t_quantile(p: float, dof: int) -> float:
+    """The t with P(T <= t) = p (bisection on the cdf: monotone, and precise enough here)."""
+    if not 0 < p < 1:
+        raise ValueError(f"a quantile needs 0 < p < 1, not {p}")
+    low, high = -1.0, 1.0
+    while student_t_cdf(low, dof) > p:
+        low *= 2
+    while student_t_cdf(high, dof) < p:
+        high *= 2
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if student_t_cdf(mid, dof) < p else (low, mid)
+    return (low + high) / 2
+
+
+def _regularized_beta(x: float, a: float, b: float) -> float:
+    """I_x(a, b) by its continued fraction (modified Lentz), on the side where it converges."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _regularized_beta(1 - x, b, a)
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > tiny else tiny)
+    fraction = d
+    for m in range(1, 300):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1 + numerator * d
+            d = 1 / (d if abs(d) > tiny else tiny)
+            c = 1 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            fraction *= c * d
+        if abs(c * d - 1) < 1e-15:
+            break
+    return math.exp(log_front) * fraction / a
+
+
+# -- the earlier interface (loop.ratchet until it migrates) -------------------------------------
 
 def noise_floor(sigma: float, z: float, min_floor: float) -> float:
-    """The gain a change must beat under the noise rule."""
+    """The gain a change must beat under the earlier noise rule: max(z * sigma, min_floor)."""
     return max(z * max(sigma, 0.0), min_floor)
 
 
@@ -50,14 +284,22 @@ def decide(
     z: float = DEFAULT_Z,
     min_floor: float = DEFAULT_MIN_FLOOR,
 ) -> Decision:
-    """The verdict on a candidate given its runs so far (one, or two after a re-run)."""
+    """The earlier verdict: a flat floor of z sigma (the baseline's), one run decides unless it
+    lands within one sigma of the floor, then the mean of two. Superseded by `decide_candidate`;
+    a close call comes back with `needs_confirmation` (read as `rerun_needed`)."""
     if rule not in RULES:
         raise ValueError(f"unknown keep rule {rule!r}: use one of {', '.join(RULES)}")
     if not best:
         raise ValueError("no best score to compare with: the session has no baseline yet")
     floor = noise_floor(sigma, z, min_floor) if rule == "noise" else 0.0
+    dof = 0  # this interface is handed a sigma without its degrees of freedom
+
+    def verdict(name: str, reason: str, score: float | None = None, gain: float | None = None,
+                confirm: bool = False) -> Decision:
+        return Decision(name, False, confirm, reason, score, gain, floor, sigma, dof)
+
     if not candidate or any(v is None or not math.isfinite(v) for v in candidate):
-        return Decision("crash", False, "the run produced no score", None, None, floor)
+        return verdict("crash", "the run produced no score")
     score = statistics.fmean(candidate)  # type: ignore[arg-type]
     incumbent = statistics.fmean(best)
     gain = incumbent - score
@@ -65,17 +307,16 @@ def decide(
 
     if rule == "strict":
         if gain > 0:
-            return Decision("keep", False, f"{runs} is lower than the best {incumbent:.6f}", score, gain, floor)
-        return Decision("discard", False, f"{runs} is not lower than the best {incumbent:.6f}", score, gain, floor)
+            return verdict("keep", f"{runs} is lower than the best {incumbent:.6f}", score, gain)
+        return verdict("discard", f"{runs} is not lower than the best {incumbent:.6f}", score, gain)
 
     line = f"the noise floor {floor:.6f} ({z:g} sigma, sigma {sigma:.6f})" if z * sigma >= min_floor \
         else f"the minimum floor {floor:.6f} (sigma {sigma:.6f})"
     if len(candidate) == 1 and sigma > 0 and abs(gain - floor) < sigma:
-        return Decision("discard", True, f"gain {gain:+.6f} is within one sigma of {line}: re-running",
-                        score, gain, floor)
+        return verdict("discard", f"gain {gain:+.6f} is within one sigma of {line}: re-running", score, gain, True)
     if gain > floor:
-        return Decision("keep", False, f"gain {gain:+.6f} ({runs}) beats {line}", score, gain, floor)
-    return Decision("discard", False, f"gain {gain:+.6f} ({runs}) does not beat {line}", score, gain, floor)
+        return verdict("keep", f"gain {gain:+.6f} ({runs}) beats {line}", score, gain)
+    return verdict("discard", f"gain {gain:+.6f} ({runs}) does not beat {line}", score, gain)
 
 
 def _runs_text(values: Sequence[float | None]) -> str:
