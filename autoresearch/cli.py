@@ -4,16 +4,29 @@ imports heavy dependencies (torch, mlx, pyarrow) inside its functions so `--help
 from __future__ import annotations
 
 import importlib
+from typing import Annotated
 
 import typer
 
+from autoresearch.conventions import Group, print_version
+
 app = typer.Typer(
     name="autoresearch",
+    cls=Group,
     help="Autonomous LLM-training research on any hardware: detect, setup, run, ratchet.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
-    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    pass
+
 
 # Modules are registered in the order their commands appear in --help.
 COMMAND_MODULES = ("cmd_detect", "cmd_setup", "cmd_session", "cmd_results", "cmd_program")
@@ -23,4 +36,6 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
-    app()
+    # One program name whichever way it starts (`autoresearch`, `python -m autoresearch`): the
+    # usage lines match the README, and shell completion reads _AUTORESEARCH_COMPLETE.
+    app(prog_name="autoresearch")

@@ -4,7 +4,8 @@ loop); this module parses options, holds the repository lock while something cha
 (data on stdout, messages on stderr).
 
 Exit codes: 0 done (whatever the verdict), 1 an error to fix (the message says what),
-2 the frozen evaluator changed (the session is stopped), 130 interrupted with Ctrl-C.
+2 a usage error (a wrong option), 3 the frozen evaluator changed (the session is stopped),
+130 interrupted with Ctrl-C.
 """
 
 from __future__ import annotations

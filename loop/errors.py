@@ -19,7 +19,7 @@ class SessionError(Exception):
 class FrozenEvaluatorError(SessionError):
     """A frozen file changed: the session stops until it is restored."""
 
-    exit_code = 2
+    exit_code = 3  # not 2, typer's usage error: a script must tell a stopped session from a typo
 
     def __init__(self, mismatches: list[Mismatch], best_commit: str, when: str = "before this experiment"):
         names = ", ".join(str(m) for m in mismatches)

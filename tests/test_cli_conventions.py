@@ -13,6 +13,7 @@ import pytest
 
 from conftest import copy_project
 
+PROJECT = Path(__file__).resolve().parent.parent
 TRACEBACK = "Traceback"
 
 
@@ -84,3 +85,61 @@ def test_a_download_error_keeps_its_own_hint(project, tmp_path):
     hint = next(line for line in result.stderr.splitlines() if line.startswith("Hint:"))
     assert "HF_ENDPOINT" in hint and "--data builtin" in hint
     assert GENERIC_HINT not in result.stderr
+
+
+# -- item 7: CLI conventions --------------------------------------------------------------------
+
+def test_version_and_short_help(tmp_path):
+    import tomllib
+
+    expected = tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]["version"]
+    version = run_cli(tmp_path, "--version")
+    assert version.returncode == 0 and version.stdout == f"autoresearch {expected}\n"
+    for args in (["-h"], ["setup", "-h"], ["session", "start", "-h"], ["presets", "show", "-h"]):
+        short, long = run_cli(tmp_path, *args), run_cli(tmp_path, *args[:-1], "--help")
+        assert short.returncode == 0 and short.stdout == long.stdout, args
+        assert "Usage: autoresearch" in short.stdout
+
+
+def test_help_shows_no_type_beside_flags_and_reads_as_paragraphs(tmp_path):
+    for args in ([], ["detect"], ["setup"], ["session", "status"], ["loop"]):
+        result = run_cli(tmp_path, *args, "--help")
+        assert result.returncode == 0, result.stderr
+        assert "<bool>" not in result.stdout, args
+    detect = run_cli(tmp_path, "detect", "--help").stdout
+    # The docstring's second paragraph is reflowed, not cut where the source line ended.
+    assert "and the probes that found nothing" in " ".join(detect.replace("│", " ").split())
+    assert not any(line.strip() == "that found nothing; then the choice, each part with its reason."
+                   for line in detect.splitlines())
+
+
+def test_shell_completion_completes_commands_and_subcommands(tmp_path):
+    def complete(*words: str) -> list[str]:
+        result = run_cli(tmp_path, _AUTORESEARCH_COMPLETE="complete_bash",
+                         COMP_WORDS=" ".join(("autoresearch", *words)), COMP_CWORD=str(len(words)))
+        assert result.returncode == 0, result.stderr
+        return result.stdout.split()
+
+    assert complete("se") == ["setup", "session"]
+    assert complete("session", "st") == ["start", "status"]
+    assert complete("setup", "--da") == ["--data"]
+    script = run_cli(tmp_path, "--show-completion", "bash")
+    assert script.returncode == 0 and "_AUTORESEARCH_COMPLETE" in script.stdout
+
+
+def test_frozen_evaluator_stop_has_its_own_exit_code_documented_in_the_readme(tmp_path):
+    from loop.errors import FrozenEvaluatorError
+
+    usage = run_cli(tmp_path, "setup", "--no-such-option")
+    assert usage.returncode == 2  # typer's usage error
+    assert FrozenEvaluatorError.exit_code not in (0, 1, 2, 130)
+    readme = " ".join((PROJECT / "README.md").read_text().split())
+    assert f"names the file, with exit code {FrozenEvaluatorError.exit_code}" in readme
+
+
+def test_messages_are_not_wrapped_at_80_columns_off_a_terminal(project, tmp_path):
+    folder = tmp_path / ("a-folder-with-a-long-name-" * 4) / "corpus"
+    result = run_cli(project, "setup", "--preset", "cpu-tiny", "--data", f"local:{folder}")
+    assert result.returncode == 1
+    error = next(line for line in result.stderr.splitlines() if line.startswith("Error:"))
+    assert len(error) > 120 and f"{folder} does not exist" in error

@@ -219,7 +219,7 @@ def test_editing_the_harness_stops_the_session_naming_the_file(session):
     set_constant(session, "SEED", 43)
     (session / "harness" / "scoring" / "evaluate.py").write_text((session / "harness" / "scoring" / "evaluate.py").read_text() + "# tweak\n")
     result = cli(session, "try", "-m", "seed and a tweak to the evaluator")
-    assert result.returncode == 2
+    assert result.returncode == 3
     assert "harness/scoring/evaluate.py (changed)" in result.stderr
     # Untouched: no row, no commit, the edits still there for a human to look at.
     assert ledger(session) == before and best_commit(session) == head
@@ -231,7 +231,7 @@ def test_editing_the_harness_stops_the_session_naming_the_file(session):
     original = config.read_text()
     config.write_text(original.replace('"rule": "noise"', '"rule": "strict"'))
     result = cli(session, "try", "-m", "anything")
-    assert result.returncode == 2 and f"{config} (changed)" in result.stderr
+    assert result.returncode == 3 and f"{config} (changed)" in result.stderr
     config.write_text(original)
     assert_clean_on_branch(session)
 
@@ -246,7 +246,7 @@ def test_editing_the_validation_shard_stops_the_session_naming_it(session):
         result = cli(session, "try", "-m", "seed, scored on other validation text")
     finally:
         val_file.write_bytes(original)
-    assert result.returncode == 2 and f"{val_file} (changed)" in result.stderr
+    assert result.returncode == 3 and f"{val_file} (changed)" in result.stderr
     assert ledger(session) == before and best_commit(session) == head
     git(session, "checkout", "--", ".")
     assert_clean_on_branch(session)
