@@ -4,6 +4,7 @@ imports heavy dependencies (torch, mlx, pyarrow) inside its functions so `--help
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Annotated
 
 import typer
@@ -36,6 +37,15 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
-    # One program name whichever way it starts (`autoresearch`, `python -m autoresearch`): the
-    # usage lines match the README, and shell completion reads _AUTORESEARCH_COMPLETE.
-    app(prog_name="autoresearch")
+    from harness.paths import RepositoryNotFound
+
+    try:
+        # One program name whichever way it starts (`autoresearch`, `python -m autoresearch`):
+        # the usage lines match the README, and shell completion reads _AUTORESEARCH_COMPLETE.
+        app(prog_name="autoresearch")
+    except RepositoryNotFound as exc:  # any command that works on a repository, in one place
+        from autoresearch.output import labelled
+
+        labelled("Error", "red", str(exc))
+        labelled("Hint", "dim", exc.hint)
+        sys.exit(1)

@@ -44,7 +44,9 @@ def setup(
     from harness.paths import repo_root
     from harness.prepare import SetupRequest, run_setup
 
-    request = SetupRequest(root=repo_root(), backend=backend, preset=preset, data=data,
+    root = repo_root()
+    info(f"repository: {root}")
+    request = SetupRequest(root=root, backend=backend, preset=preset, data=data,
                            num_shards=num_shards, overrides=_parse_sets(set_), workers=workers)
     try:
         config = run_setup(request, log=info)

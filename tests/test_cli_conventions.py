@@ -143,3 +143,25 @@ def test_messages_are_not_wrapped_at_80_columns_off_a_terminal(project, tmp_path
     assert result.returncode == 1
     error = next(line for line in result.stderr.splitlines() if line.startswith("Error:"))
     assert len(error) > 120 and f"{folder} does not exist" in error
+
+
+def test_outside_a_repository_commands_say_so_instead_of_using_the_installed_checkout(tmp_path):
+    outside = tmp_path / "somewhere"
+    outside.mkdir()
+    for args in (["setup"], ["session", "status"], ["program"], ["results"]):
+        result = run_cli(outside, *args)
+        assert result.returncode == 1, args
+        assert f"Error: {outside} is not inside an autoresearch repository" in result.stderr, args
+        assert "AUTORESEARCH_ROOT" in result.stderr and TRACEBACK not in result.stderr
+
+
+def test_the_repository_is_found_from_a_subfolder_and_named(project, tmp_path):
+    repo = tmp_path / "my-clone"
+    (repo / "harness").mkdir(parents=True)
+    (repo / "backends" / "cuda").mkdir(parents=True)
+    (repo / "program.md").write_text((PROJECT / "program.md").read_text() + "\nThis is my-clone's program.\n")
+    program = run_cli(repo / "backends" / "cuda", "program")
+    assert program.returncode == 0, program.stderr
+    assert "This is my-clone's program." in program.stdout
+    setup = run_cli(project / "backends", "setup", "--preset", "cpu-tiny", "--set", "NOPE=1")
+    assert setup.stderr.startswith(f"repository: {project}\n")
