@@ -3,12 +3,13 @@ summary and gains by change; `--json` for tools, `--plot` for upstream's progres
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from autoresearch.output import fail, info, out, print_json
+from autoresearch.output import fail, info, out, print_json, warn
 
 
 def _default_path() -> Path:
@@ -28,15 +29,11 @@ def results(
 
     Rows are listed in file order (chronological); `--top N` lists the N lowest val_bpb instead.
     Reads upstream's 5-column files too."""
-    from loop.results import ResultsReport, plot_progress, read_rows, rows_by_best
+    from loop.results import ResultsReport, plot_progress, rows_by_best
 
     path = path or _default_path()
-    try:
-        rows = read_rows(path)
-    except FileNotFoundError:
-        fail(f"no results file at {path}",
-             "start a session (`autoresearch session start TAG`) and run `autoresearch try` or `autoresearch loop`, "
-             "or pass the path of a results.tsv")
+    table = read_results_or_fail(path)
+    rows = table.rows
     summary = ResultsReport.from_rows(rows)
     numbered = list(enumerate(rows, start=1))
     shown = [(i, r) for i, r in numbered if r.status == "keep"] if kept_only else numbered
@@ -53,11 +50,40 @@ def results(
 
     if json_output:
         print_json({"path": str(path),
-                    "rows": [dict(r.to_dict(), index=i) for i, r in shown],
-                    "summary": summary.to_dict()})
+                    "rows": [dict(r.to_dict(), index=i, line=table.line_numbers[i - 1]) for i, r in shown],
+                    "summary": summary.to_dict(),
+                    "skipped_lines": table.skipped,
+                    "problems": [asdict(p) for p in table.problems]})
         return
     _print_table(rows, shown, path)
     _print_summary(summary)
+    if table.skipped:
+        out.print(f"{table.skipped} line(s) of the file skipped (warnings above): not counted here")
+
+
+MAX_WARNINGS = 20  # a file of garbage should not bury the terminal; the count says how many
+
+
+def read_results_or_fail(path: Path):
+    """The file's rows, with a warning on stderr for each line problem; exits 1 on a missing file
+    or one that is not a results table."""
+    from loop.results import NotAResultsTable, read_results
+
+    try:
+        table = read_results(path)
+    except FileNotFoundError:
+        fail(f"no results file at {path}",
+             "start a session (`autoresearch session start TAG`) and run `autoresearch try` or `autoresearch loop`, "
+             "or pass the path of a results.tsv")
+    except IsADirectoryError:
+        fail(f"{path} is a folder", "pass the path of a results.tsv file")
+    except NotAResultsTable as exc:
+        fail(str(exc), "pass a results.tsv written by `autoresearch` or by upstream's loop")
+    for problem in table.problems[:MAX_WARNINGS]:
+        warn(f"{path} {problem}")
+    if len(table.problems) > MAX_WARNINGS:
+        warn(f"... and {len(table.problems) - MAX_WARNINGS} more problem line(s) (`--json` lists them all)")
+    return table
 
 
 def _print_table(rows: list, shown: list, path: Path) -> None:

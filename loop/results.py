@@ -4,6 +4,8 @@ The first five columns are upstream's exactly (`commit val_bpb memory_gb status 
 existing notebooks and `awk -F'\\t'` one-liners keep working; ours follow. Rows are written whole
 with one `write` + flush + fsync; a torn last line (the process or the machine died mid-write) is
 ignored on read and truncated before the next append, so the file only ever holds whole rows.
+Reading finds columns by name (any order, columns added later included) and names every line it
+cannot read; a file that is not a results table at all is refused (`read_results`).
 
 Also here: the report behind `autoresearch results` (best, kept rate, gains by change, crashes by
 reason) and the progress plot (upstream's analysis notebook figure, plus the noise band).
@@ -19,7 +21,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, get_args, get_type_hints
 
 from harness.files import fsync_dir
 
@@ -176,7 +178,7 @@ def _prepare_for_append(fd: int) -> tuple[str, ...]:
 def _complete_without_newline(line: str, columns: tuple[str, ...]) -> bool:
     # Our own rows always end in a newline, so a missing one means torn. A foreign file (an
     # upstream agent's echo) may simply lack the final newline: whole if every column is there.
-    if columns is RESULT_COLUMNS:
+    if len(columns) > len(UPSTREAM_COLUMNS):
         return False
     return len(line.rstrip("\r").split("\t")) == len(columns)
 
@@ -190,72 +192,181 @@ def _write_all(fd: int, data: bytes) -> None:
 
 # -- reading --------------------------------------------------------------------------------------
 
+class NotAResultsTable(ValueError):
+    """The file is not a results table at all (binary, or no header and no readable row)."""
+
+
+@dataclass(frozen=True)
+class LineProblem:
+    """Something wrong on one line of a results file; `skipped`: the line was not read as a row."""
+
+    line: int  # from 1, as an editor counts
+    message: str
+    skipped: bool
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.message}" + ("; skipped" if self.skipped else "")
+
+
+@dataclass
+class ResultsFile:
+    """What a results file holds: its whole rows, where each came from, and what was wrong."""
+
+    columns: tuple[str, ...]
+    rows: list[ResultRow] = field(default_factory=list)
+    line_numbers: list[int] = field(default_factory=list)  # rows[i] is line line_numbers[i]
+    extra: list[dict[str, str]] = field(default_factory=list)  # rows[i]'s columns ResultRow has no field for
+    problems: list[LineProblem] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> int:
+        return sum(1 for p in self.problems if p.skipped)
+
+    def value(self, index: int, name: str) -> str:
+        """Row `index`'s cell in column `name` as text, whether or not ResultRow has a field for it
+        ("" when absent): columns other engineers add reach the report before the dataclass knows them."""
+        if name in _ROW_FIELDS:
+            value = getattr(self.rows[index], name)
+            return "" if value is None else str(value)
+        return self.extra[index].get(name, "")
+
+
 def _header(first_line: str) -> tuple[tuple[str, ...], bool]:
-    """The file's columns, and whether the first line is a header (else: our columns, no header)."""
-    names = tuple(name.strip().lower() for name in first_line.split("\t"))
-    if names and names[0] == "commit" and "status" in names:
+    """The file's columns, and whether the first line is a header (else: upstream's five, no header)."""
+    names = tuple(name.strip().lower() for name in first_line.lstrip("\ufeff").split("\t"))
+    if names[0] == "commit" or {"commit", "status"} <= set(names):  # upstream's header starts with commit
         return (RESULT_COLUMNS if names == RESULT_COLUMNS else names), True
-    return RESULT_COLUMNS, False
+    return UPSTREAM_COLUMNS, False
 
 
 def read_rows(path: Path) -> list[ResultRow]:
-    """Every whole row of a results file: ours, upstream's 5-column format, or any file with a
-    `commit ... status ...` header (missing columns are left empty). A torn last line is ignored;
-    lines without a status are skipped. Raises FileNotFoundError if the file does not exist."""
-    text = Path(path).read_bytes().decode("utf-8", errors="replace")
-    if not text:
+    """The whole rows of a results file, skipping what read_results reports as problems; [] for a
+    file that is not a results table. Raises FileNotFoundError if the file does not exist."""
+    try:
+        return read_results(path).rows
+    except NotAResultsTable:
         return []
+
+
+def read_results(path: Path) -> ResultsFile:
+    """Read a results file: ours, upstream's 5-column format, or any file whose header names
+    upstream's five columns, in any order (columns are found by name; ResultRow's fields missing
+    from the file are left empty, columns it has no field for are kept in `extra`). A file without a header is read as upstream's five.
+
+    A line is skipped, with a LineProblem naming it, when its column count differs from the
+    header's, its status is unknown, or a scored row's val_bpb is not a positive number; a torn
+    last line (a write was interrupted) is skipped too. Blank lines are ignored. Raises
+    NotAResultsTable for a binary file, a header without upstream's columns, or a file without a
+    header in which no line reads as a row; FileNotFoundError if the file does not exist."""
+    data = Path(path).read_bytes()
+    if b"\x00" in data:
+        raise NotAResultsTable(f"{path} is a binary file, not a results table (tab-separated text)")
+    problems: list[LineProblem] = []
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        text = data.decode("utf-8", errors="replace")
+        problems.append(LineProblem(data[: exc.start].count(b"\n") + 1,
+                                    "not valid UTF-8; undecodable bytes are shown as \ufffd", False))
+    if not text.strip():
+        return ResultsFile(RESULT_COLUMNS, problems=problems)
     lines = text.split("\n")
     columns, has_header = _header(lines[0].rstrip("\r"))
+    if has_header:
+        missing = [name for name in UPSTREAM_COLUMNS if name not in columns]
+        if missing and len(lines) == 1:  # a header cut short by an interrupted write: no rows yet
+            return ResultsFile(RESULT_COLUMNS, problems=problems)
+        if missing:
+            raise NotAResultsTable(f"{path} has a header without the column(s) {', '.join(missing)}: "
+                                   f"a results table starts with {' '.join(UPSTREAM_COLUMNS)} (tab-separated)")
     if text.endswith("\n"):
         lines.pop()  # the empty string after the final newline
-    elif not _complete_without_newline(lines[-1], columns):
-        lines.pop()  # torn
-    rows = []
-    for line in lines[1 if has_header else 0:]:
-        values = line.rstrip("\r").split("\t")
-        record = dict(zip(columns, values))
-        if not record.get("status", "").strip():
+    elif not (has_header and len(lines) == 1) and not _complete_without_newline(lines[-1], columns):
+        problems.append(LineProblem(len(lines), "incomplete last line (a write was interrupted)", True))
+        lines.pop()
+
+    result = ResultsFile(columns, problems=problems)
+    first = 2 if has_header else 1
+    for number, line in enumerate(lines[first - 1:], start=first):
+        line = line.rstrip("\r")
+        if not line.strip():
             continue
-        rows.append(_row_from_record(record))
-    return rows
+        values = line.split("\t")
+        if len(values) != len(columns):
+            shape = "header has" if has_header else "upstream format (no header) has"
+            result.problems.append(LineProblem(number, f"{len(values)} column(s) where the {shape} {len(columns)}", True))
+            continue
+        record = {name: value.strip() for name, value in zip(columns, values)}
+        parsed = _row_from_record(record, number)
+        if isinstance(parsed, LineProblem):
+            result.problems.append(parsed)
+            continue
+        row, notes = parsed
+        result.problems.extend(notes)
+        result.rows.append(row)
+        result.line_numbers.append(number)
+        result.extra.append({name: value for name, value in record.items() if name not in _ROW_FIELDS})
+    if not has_header and not result.rows:
+        raise NotAResultsTable(f"{path} is not a results table: no header line ({' '.join(UPSTREAM_COLUMNS)}, "
+                               f"tab-separated) and no line reads as a row")
+    result.problems.sort(key=lambda p: p.line)
+    return result
 
 
 _ROW_FIELDS = {f.name for f in fields(ResultRow)}
+_SCORE_COLUMNS = ("val_bpb", "memory_gb")  # upstream's placeholders ("0.000000", "-") on unscored rows
 
 
-def _row_from_record(record: dict[str, str]) -> ResultRow:
-    values = {name: value.strip() for name, value in record.items() if name in _ROW_FIELDS}
-    return ResultRow(
-        commit=values.get("commit", ""),
-        val_bpb=_float(values.get("val_bpb")) or 0.0,  # upstream crash rows hold 0.000000 or a dash
-        memory_gb=_float(values.get("memory_gb")) or 0.0,
-        status=values.get("status", ""),
-        description=values.get("description", ""),
-        timestamp=values.get("timestamp", ""),
-        seconds=_float(values.get("seconds")),
-        num_steps=_int(values.get("num_steps")),
-        tokens_per_sec=_float(values.get("tokens_per_sec")),
-        backend=values.get("backend", ""),
-        device=values.get("device", ""),
-        preset=values.get("preset", ""),
-        best_bpb=_float(values.get("best_bpb")),
-        noise_sigma=_float(values.get("noise_sigma")),
-        reason=values.get("reason", ""),
-        trainer_sha=values.get("trainer_sha", ""),
-    )
+def _field_types() -> dict[str, tuple[type, bool]]:
+    """Each ResultRow field's value type (str, int or float) and whether it may be None, read from
+    the dataclass itself, so that a field added to ResultRow is read without touching this code."""
+    hints = get_type_hints(ResultRow)
+    types = {}
+    for f in fields(ResultRow):
+        members = set(get_args(hints[f.name])) or {hints[f.name]}
+        kind = int if int in members else float if float in members else str
+        types[f.name] = (kind, type(None) in members)
+    return types
 
 
-def _float(text: str | None) -> float | None:
+def _row_from_record(record: dict[str, str], number: int) -> tuple[ResultRow, list[LineProblem]] | LineProblem:
+    """A row from its cells by column name, or the problem that keeps the line from being one."""
+    status = sanitize(record.get("status", ""), 20).lower()
+    if status not in STATUSES:
+        shown = f"unknown status {status!r}" if status else "no status"
+        return LineProblem(number, f"{shown} (expected one of {', '.join(STATUSES)})", True)
+    scored = status not in NOT_SCORED
+    notes: list[LineProblem] = []
+    values: dict[str, object] = {}
+    for name, (kind, optional) in _FIELD_TYPES.items():
+        text = record.get(name)
+        if kind is str:
+            values[name] = text or ""
+            continue
+        if not text or (not scored and name in _SCORE_COLUMNS):
+            if optional or name in _SCORE_COLUMNS:
+                values[name] = None
+            continue  # a required number absent from the file: the field's default
+        number_value = _number(text)
+        if name == "val_bpb" and (number_value is None or not number_value > 0):
+            return LineProblem(number, f"val_bpb {text!r} of a {status} row is not a positive number", True)
+        if number_value is None:
+            notes.append(LineProblem(number, f"{name} {text!r} is not a number; left empty", False))
+            values[name] = None
+            continue
+        values[name] = int(number_value) if kind is int else number_value
+    return ResultRow(**values), notes
+
+
+def _number(text: str) -> float | None:
     try:
-        return float(text) if text else None
+        value = float(text)
     except ValueError:
         return None
+    return value if math.isfinite(value) else None
 
 
-def _int(text: str | None) -> int | None:
-    value = _float(text)
-    return int(value) if value is not None and math.isfinite(value) else None
+_FIELD_TYPES = _field_types()
 
 
 # -- the report -----------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from autoresearch.cli import app
-from loop.results import (RESULT_COLUMNS, UPSTREAM_COLUMNS, ResultRow, ResultsReport, append_row, read_rows,
-                          running_best)
+from loop.results import (RESULT_COLUMNS, UPSTREAM_COLUMNS, ResultRow, ResultsReport, append_row, read_results,
+                          read_rows, running_best)
+from ratchet_helpers import cli
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -314,3 +315,117 @@ def test_plot_of_an_upstream_file_and_of_an_unscored_file(tmp_path: Path):
     result = runner.invoke(app, ["results", str(crashed), "--plot", str(tmp_path / "none.png")])
     assert result.exit_code == 1 and "nothing to plot" in result.stderr
     assert not (tmp_path / "none.png").exists()
+
+
+# -- broken files: warned about by line, counted, or refused --------------------------------------
+
+def results_cli(path: Path, *args: str) -> subprocess.CompletedProcess:
+    """`autoresearch results PATH ...` in a real subprocess, as a user runs it."""
+    return cli(path.parent, "results", str(path), *args, timeout=120)
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())  # messages may be wrapped off a terminal
+
+
+BROKEN = (
+    "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+    "a1b2c3d\t0.990000\t44.0\tkeep\tbaseline\n"
+    "this line lost its tabs\n"
+    "b2c3d4e\tnot-a-number\t44.0\tkeep\tscore garbled\n"
+    "c3d4e5f\t0.500000\t44.0\timproved\tstatus nobody knows\n"
+    "\n"
+    "d4e5f6a\t0.995000\tlots\tdiscard\tmemory garbled\n"
+    "e5f6a7b\t0.980000\t44.1\tkeep\twarmdown 0.5 -> 0.7\n"
+)
+
+
+def test_results_warns_about_each_malformed_line_by_number_and_counts_the_skipped(tmp_path: Path):
+    path = tmp_path / "results.tsv"
+    path.write_text(BROKEN)
+    done = results_cli(path)
+    assert done.returncode == 0, done.stderr
+    warnings = flat(done.stderr)
+    assert "line 3: 1 column(s) where the header has 5; skipped" in warnings
+    assert "line 4: val_bpb 'not-a-number' of a keep row is not a positive number; skipped" in warnings
+    assert "line 5: unknown status 'improved'" in warnings
+    assert "line 7: memory_gb 'lots' is not a number; left empty" in warnings
+    assert "line 6" not in warnings  # a blank line is not a problem
+    assert "3 line(s) of the file skipped" in done.stdout
+    # Neither the garbled score nor the unknown status counts: the baseline is line 2, the best line 8.
+    assert "3 experiments, kept 2, discarded 1" in done.stdout
+    assert "baseline 0.990000 -> best 0.980000" in done.stdout
+
+    data = json.loads(results_cli(path, "--json").stdout)
+    assert data["skipped_lines"] == 3
+    assert [(p["line"], p["skipped"]) for p in data["problems"]] == [(3, True), (4, True), (5, True), (7, False)]
+    assert [r["line"] for r in data["rows"]] == [2, 7, 8]
+    assert data["summary"]["best_bpb"] == pytest.approx(0.98) and data["summary"]["kept"] == 2
+
+
+def test_results_refuses_a_binary_file(tmp_path: Path):
+    path = tmp_path / "results.tsv"
+    path.write_bytes(bytes(range(256)) * 40)
+    done = results_cli(path)
+    assert done.returncode == 1 and done.stdout == ""
+    assert "is a binary file, not a results table" in flat(done.stderr)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("commit,val_bpb,memory_gb,status,description\na1,0.99,44.0,keep,baseline\n", "no header line"),
+    ("just some notes\nabout a run\n", "no header line"),
+    ("commit\tstatus\na1\tkeep\n", "without the column(s) val_bpb, memory_gb, description"),
+])
+def test_results_refuses_a_text_file_that_is_not_a_results_table(tmp_path: Path, text: str, expected: str):
+    path = tmp_path / "results.tsv"
+    path.write_text(text)
+    done = results_cli(path)
+    assert done.returncode == 1 and done.stdout == ""
+    assert expected in flat(done.stderr)
+
+
+def test_results_reads_upstream_and_full_files_without_a_warning(tmp_path: Path):
+    upstream = tmp_path / "upstream" / "results.tsv"
+    upstream.parent.mkdir()
+    upstream.write_text(UPSTREAM)
+    done = results_cli(upstream)
+    assert done.returncode == 0 and done.stderr == ""
+    assert "6 experiments, kept 3, discarded 1, crashed 2" in done.stdout
+
+    ours = tmp_path / "ours" / "results.tsv"
+    write_session(ours)
+    done = results_cli(ours)
+    assert done.returncode == 0 and done.stderr == ""
+    assert "7 experiments (+2 baseline runs)" in done.stdout
+
+
+def test_columns_are_found_by_name_and_unknown_ones_kept(tmp_path: Path):
+    """Reordered columns, and columns added after this code was written, read without a warning."""
+    path = tmp_path / "results.tsv"
+    path.write_text("status\tcommit\tholdout_bpb\tdescription\tmemory_gb\tval_bpb\tnum_steps\n"
+                    "keep\ta1b2c3d\t1.012\tbaseline\t44.0\t0.990000\t953\n"
+                    "discard\tb2c3d4e\t\tdepth 9\t44.2\t0.995000\t900\n")
+    table = read_results(path)
+    assert table.problems == []
+    assert [(r.commit, r.val_bpb, r.num_steps) for r in table.rows] == [("a1b2c3d", 0.99, 953), ("b2c3d4e", 0.995, 900)]
+    assert [table.value(i, "holdout_bpb") for i in range(2)] == ["1.012", ""]
+    done = results_cli(path)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+def test_a_torn_last_line_is_named_and_many_problems_are_capped(tmp_path: Path):
+    path = tmp_path / "results.tsv"
+    write_session(path)
+    with open(path, "a") as f:
+        f.write("ccccccc\t0.98\t37.2\tkee")
+    done = results_cli(path)
+    assert done.returncode == 0
+    assert "line 11: incomplete last line (a write was interrupted); skipped" in flat(done.stderr)
+
+    noisy = tmp_path / "noisy.tsv"
+    noisy.write_text(UPSTREAM + "\n" + "garbage\n" * 50)
+    done = results_cli(noisy)
+    warnings = flat(done.stderr)
+    assert done.returncode == 0 and warnings.count("column(s) where the header has 5") == 20
+    assert "... and 30 more problem line(s)" in warnings
+    assert "50 line(s) of the file skipped" in done.stdout
