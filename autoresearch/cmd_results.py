@@ -43,10 +43,10 @@ def results(
 
     if plot is not None:
         try:
-            plot_progress(rows, plot)
+            drawn = plot_progress(rows, plot)
         except ValueError as exc:
             fail(str(exc), "the plot needs at least one scored experiment")
-        info(f"wrote {plot}")
+        info(f"wrote {plot}" + (f" ({drawn.describe()})" if drawn.describe() else ""))
 
     if json_output:
         print_json({"path": str(path),

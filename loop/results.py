@@ -482,13 +482,48 @@ def report(rows: list[ResultRow]) -> ResultsReport:
 
 # -- the progress plot ----------------------------------------------------------------------------
 
-def plot_progress(rows: list[ResultRow], out: Path, z: float = NOISE_Z) -> Path:
-    """Draw val_bpb per experiment (discarded faint, kept highlighted and labelled), the running
-    best as a step line and the noise band (+-z*sigma around it) into a PNG; x is the row number."""
+_STATUS_STYLE = {  # colour, marker size, legend label, z-order
+    "discard": ("#bbbbbb", 14, "Discarded", 2),
+    "baseline": ("#3498db", 30, "Baseline", 3),
+    "keep": ("#2ecc71", 55, "Kept", 4),
+}
+_UNSCORED_STYLE = {"crash": ("#e74c3c", "x", "Crashed"), "rejected": ("#8e44ad", "s", "Rejected")}
+_MAX_VALUE_LABELS = 12  # off-scale points get their value written beside them up to this many
+
+
+@dataclass(frozen=True)
+class ProgressPlot:
+    """What the progress figure shows, for the message that announces it and for tests."""
+
+    title: str
+    legend: list[str]
+    y_range: tuple[float, float]
+    off_scale: list[tuple[int, float]]  # (experiment #, val_bpb) of scores drawn on an edge
+    unscored: list[int]  # experiment # of crashed and rejected rows (the strip under the axis)
+
+    def describe(self) -> str:
+        parts = []
+        if self.off_scale:
+            parts.append(f"{len(self.off_scale)} score(s) outside the y-range drawn on its edge with their value")
+        if self.unscored:
+            parts.append(f"{len(self.unscored)} run(s) without a score in the strip below")
+        return "; ".join(parts)
+
+
+def progress_figure(rows: list[ResultRow], z: float = NOISE_Z):
+    """The progress figure (a matplotlib Figure: main axis, then the no-score strip) and its facts.
+
+    val_bpb per experiment (discarded faint, kept highlighted and labelled), the running best as a
+    step line and the noise band (+-z*sigma around it); x is the row number. Scores outside the
+    y-range (a diverged run at 2.3 next to gains of 0.001) are triangles on the edge they fall
+    beyond, with their value, counted in the legend. Crashed and rejected rows have no score: they
+    sit in a strip of their own under the axis, never among the scores. The first row of an
+    upstream file (its baseline, logged `keep`) is drawn as the baseline."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed; must precede pyplot
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     summary = ResultsReport.from_rows(rows)
     if summary.baseline_bpb is None:
@@ -496,13 +531,15 @@ def plot_progress(rows: list[ResultRow], out: Path, z: float = NOISE_Z) -> Path:
     xs = list(range(1, len(rows) + 1))
     best_line = running_best(rows)
     baseline, best = summary.baseline_bpb, summary.best_bpb
+    _, baseline_index = baseline_of(rows)
     sigma = summary.noise_sigma or 0.0
 
     spread = baseline - best
     margin = max(0.15 * spread, 1.5 * z * sigma, 1e-4 * baseline)
     low, high = best - margin, baseline + max(margin, z * sigma) + 0.5 * margin
 
-    fig, ax = plt.subplots(figsize=(16, 8))
+    fig, (ax, strip) = plt.subplots(2, 1, figsize=(16, 9), sharex=True,
+                                    gridspec_kw={"height_ratios": [12, 1], "hspace": 0.04})
     if sigma > 0:
         band_x = [x for x, b in zip(xs, best_line) if b is not None]
         band_y = [b for b in best_line if b is not None]
@@ -510,23 +547,24 @@ def plot_progress(rows: list[ResultRow], out: Path, z: float = NOISE_Z) -> Path:
                         step="post", color="#27ae60", alpha=0.12, linewidth=0, zorder=1,
                         label=f"Noise band (±{z:g}σ, σ={sigma:.4g})")
 
-    def scatter(status: str, **style) -> None:
-        points = [(x, r.val_bpb) for x, r in zip(xs, rows) if r.status == status and r.scored]
-        inside = [(x, y) for x, y in points if y <= high]
-        above = [x for x, y in points if y > high]
-        if inside:
-            ax.scatter(*zip(*inside), **style)
-        if above:  # off the chart: pinned under the top edge so they are not silently lost
-            ax.scatter(above, [high - 0.015 * (high - low)] * len(above), marker="^", s=40, c=style["c"],
-                       edgecolors="#777777", linewidths=0.5, zorder=style.get("zorder", 2))
-
-    scatter("discard", c="#bbbbbb", s=14, alpha=0.6, zorder=2, label="Discarded")
-    scatter("baseline", c="#3498db", s=30, zorder=3, label="Baseline runs", edgecolors="black", linewidths=0.4)
-    scatter("keep", c="#2ecc71", s=55, zorder=4, label="Kept", edgecolors="black", linewidths=0.5)
-    failed = [x for x, r in zip(xs, rows) if r.status in NOT_SCORED]
-    if failed:
-        ax.scatter(failed, [low + 0.04 * (high - low)] * len(failed), marker="x", c="#e74c3c", s=16,
-                   alpha=0.6, zorder=2, label="Crashed / rejected")
+    off_scale: list[tuple[int, float, str]] = []
+    for status, (colour, size, label, order) in _STATUS_STYLE.items():
+        points = [(x, r.val_bpb) for i, (x, r) in enumerate(zip(xs, rows))
+                  if r.scored and ("baseline" if i == baseline_index else r.status) == status]
+        inside = [(x, y) for x, y in points if low <= y <= high]
+        off_scale += [(x, y, colour) for x, y in points if not low <= y <= high]
+        if points:  # the legend names every status drawn, even one whose points are all off scale
+            edge = {"edgecolors": "black", "linewidths": 0.5} if status != "discard" else {"alpha": 0.7}
+            ax.scatter(*(zip(*inside) if inside else ([], [])), c=colour, s=size, zorder=order,
+                       label=f"{label} ({len(points)})", **edge)
+    for x, y, colour in off_scale:  # on the edge it falls beyond, pointing that way, with its value
+        above = y > high
+        edge_y = high - 0.012 * (high - low) if above else low + 0.012 * (high - low)
+        ax.scatter([x], [edge_y], marker="^" if above else "v", s=60, c=colour, edgecolors="black",
+                   linewidths=0.6, zorder=5)
+        if len(off_scale) <= _MAX_VALUE_LABELS:
+            ax.annotate(f"{y:.4f}", (x, edge_y), textcoords="offset points", xytext=(6, -3 if above else 3),
+                        fontsize=8, color="#555555", ha="left", va="top" if above else "bottom")
 
     line_x = [x for x, b in zip(xs, best_line) if b is not None]
     line_y = [b for b in best_line if b is not None]
@@ -539,20 +577,59 @@ def plot_progress(rows: list[ResultRow], out: Path, z: float = NOISE_Z) -> Path:
         ax.annotate(label, (gain.index, gain.val_bpb), textcoords="offset points", xytext=(6, 6),
                     fontsize=8, color="#1a7a3a", rotation=30, ha="left", va="bottom")
 
+    # Runs without a score get their own strip: a cross among the scores would read as one.
+    unscored = [x for x, r in zip(xs, rows) if not r.scored]
+    for status, (colour, marker, label) in _UNSCORED_STYLE.items():
+        points = [x for x, r in zip(xs, rows) if not r.scored and r.status == status]
+        if points:
+            strip.scatter(points, [0.5] * len(points), marker=marker, c=colour, s=36, zorder=2)
+            ax.scatter([], [], marker=marker, c=colour, s=36, label=f"{label} ({len(points)}): no score, strip below")
+    if not unscored:
+        strip.text(0.5, 0.5, "every run has a score", transform=strip.transAxes, ha="center", va="center",
+                   fontsize=9, color="#777777")
+    strip.set_ylim(0, 1)
+    strip.set_yticks([])
+    strip.set_ylabel("no score", rotation=0, ha="right", va="center", fontsize=10)
+    strip.grid(True, axis="x", alpha=0.2)
+
+    handles, labels = ax.get_legend_handles_labels()
+    above = sum(1 for _, y, _ in off_scale if y > high)
+    for marker, count, where in (("^", above, "above"), ("v", len(off_scale) - above, "below")):
+        if count:
+            handles.append(Line2D([], [], linestyle="none", marker=marker, markersize=8, markerfacecolor="#bbbbbb",
+                                  markeredgecolor="black"))
+            labels.append(f"Off scale ({count} {where} the y-range):\non the edge, value beside")
+    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, borderaxespad=0)
+
+    improvements = len(summary.gains)
+    experiments = f"{summary.experiments} experiments" + (" incl. the baseline" if baseline_index is not None else "")
+    title = (f"Autoresearch progress: {experiments}, {improvements} kept "
+             f"improvement{'s' if improvements != 1 else ''} over the baseline\n"
+             f"baseline {baseline:.6f} → best {best:.6f} ({best - baseline:+.6f}); "
+             f"discarded {summary.discarded}, crashed {summary.crashed}, rejected {summary.rejected}")
+    ax.set_title(title, fontsize=13)
     ax.set_xlim(0, len(rows) + 1)
     ax.set_ylim(low, high)
-    ax.set_xlabel("Experiment #", fontsize=12)
+    strip.set_xlabel("Experiment # (row of results.tsv)", fontsize=12)
     ax.set_ylabel("Validation BPB (lower is better)", fontsize=12)
-    ax.set_title(f"Autoresearch Progress: {summary.experiments} Experiments, "
-                 f"{summary.kept} Kept Improvements", fontsize=14)
-    ax.legend(loc="upper right", fontsize=9)
     ax.grid(True, alpha=0.2)
-    fig.tight_layout()
+    facts = ProgressPlot(title=title, legend=labels, y_range=(low, high),
+                         off_scale=[(x, y) for x, y, _ in off_scale], unscored=unscored)
+    return fig, facts
+
+
+def plot_progress(rows: list[ResultRow], out: Path, z: float = NOISE_Z) -> ProgressPlot:
+    """Draw the progress figure (progress_figure) into `out`: PNG, or SVG/PDF by its suffix (SVG
+    keeps its text as text)."""
+    import matplotlib.pyplot as plt
+
+    fig, facts = progress_figure(rows, z)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=150, bbox_inches="tight")
+    with plt.rc_context({"svg.fonttype": "none"}):
+        fig.savefig(out, dpi=150, bbox_inches="tight")
     plt.close(fig)
-    return out
+    return facts
 
 
 def rows_by_best(rows: Iterable[ResultRow]) -> list[ResultRow]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -12,8 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from autoresearch.cli import app
-from loop.results import (RESULT_COLUMNS, UPSTREAM_COLUMNS, ResultRow, ResultsReport, append_row, read_results,
-                          read_rows, running_best)
+from loop.results import (RESULT_COLUMNS, UPSTREAM_COLUMNS, ResultRow, ResultsReport, append_row, progress_figure,
+                          read_results, read_rows, running_best)
 from ratchet_helpers import cli
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -429,3 +431,68 @@ def test_a_torn_last_line_is_named_and_many_problems_are_capped(tmp_path: Path):
     assert done.returncode == 0 and warnings.count("column(s) where the header has 5") == 20
     assert "... and 30 more problem line(s)" in warnings
     assert "50 line(s) of the file skipped" in done.stdout
+
+
+# -- the plot: nothing on it may mislead ----------------------------------------------------------
+
+def svg_text(path: Path) -> str:
+    """The text of an SVG written with its text kept as text (plot_progress does so)."""
+    return html.unescape(" ".join(re.findall(r"<text[^>]*>([^<]*)</text>", path.read_text())))
+
+
+def outlier_session(path: Path) -> None:
+    """write_session plus two diverged runs far above the chart's range."""
+    write_session(path)
+    append_row(path, ResultRow("d000003", 1.450, 2.1, "discard", "LR x10", noise_sigma=0.0014))
+    append_row(path, ResultRow("d000004", 2.300, 2.2, "discard", "no warmup", noise_sigma=0.0014))
+
+
+def test_the_plot_title_does_not_count_the_baseline_as_an_improvement(tmp_path: Path):
+    upstream = tmp_path / "results.tsv"
+    upstream.write_text(UPSTREAM)  # its first row, the baseline, is logged `keep`
+    svg = tmp_path / "progress.svg"
+    done = results_cli(upstream, "--plot", str(svg))
+    assert done.returncode == 0, done.stderr
+    text = svg_text(svg)
+    assert "6 experiments incl. the baseline, 2 kept improvements over the baseline" in text
+    assert "Baseline (1)" in text and "Kept (2)" in text  # the baseline row is drawn as the baseline
+
+
+def test_off_scale_scores_are_marked_valued_counted_and_in_the_legend(tmp_path: Path):
+    path = tmp_path / "results.tsv"
+    outlier_session(path)
+    svg = tmp_path / "progress.svg"
+    done = results_cli(path, "--plot", str(svg))
+    assert done.returncode == 0, done.stderr
+    assert "2 score(s) outside the y-range drawn on its edge with their value" in done.stderr
+    text = svg_text(svg)
+    assert "Off scale (2 above the y-range):" in text and "1.4500" in text and "2.3000" in text
+    assert "Discarded (4)" in text  # the two off-scale runs are counted with the rest
+
+
+def test_crashes_sit_in_their_own_strip_never_among_the_scores(tmp_path: Path):
+    path = tmp_path / "results.tsv"
+    outlier_session(path)
+    svg = tmp_path / "progress.svg"
+    done = results_cli(path, "--plot", str(svg))
+    assert "3 run(s) without a score in the strip below" in done.stderr
+    text = svg_text(svg)
+    assert "Crashed (2): no score, strip below" in text and "Rejected (1): no score, strip below" in text
+    assert "no score" in text.replace("strip below", "")  # the strip's own label
+
+    import matplotlib.pyplot as plt
+
+    rows = read_rows(path)
+    fig, facts = progress_figure(rows)
+    try:
+        scores, strip = fig.axes
+        unscored = [i + 1 for i, r in enumerate(rows) if r.status in ("crash", "rejected")]
+        assert facts.unscored == unscored == [5, 7, 9]
+        on_scores = {round(x) for c in scores.collections for x, _ in c.get_offsets()}
+        on_strip = {round(x) for c in strip.collections for x, _ in c.get_offsets()}
+        assert on_strip == set(unscored) and not on_scores & set(unscored)
+        assert facts.off_scale == [(10, 1.45), (11, 2.3)]
+        low, high = facts.y_range
+        assert all(low <= r.val_bpb <= high for r in rows if r.scored and r.val_bpb < 1.1)
+    finally:
+        plt.close(fig)
