@@ -19,6 +19,8 @@ BackendOpt = Annotated[Optional[str], typer.Option(
     "--backend", help="Use this trainer backend (cuda, rocm, mps, mlx) if what is installed allows it.")]
 PresetOpt = Annotated[Optional[str], typer.Option(
     "--preset", help="Use this preset instead of the detected one (see `autoresearch presets`).")]
+VerifyOpt = Annotated[bool, typer.Option(
+    "--verify", help="Import torch and mlx to ask them what they see (seconds; `setup` always does).")]
 
 LABEL_WIDTH = 14
 
@@ -40,6 +42,10 @@ def _row(label: str, value: str, indent: str = "") -> None:
     typer.echo(f"{indent}{label:<{LABEL_WIDTH}}{value}")
 
 
+def _predicted(source: str) -> str:
+    return " (build read from its files; `--verify` imports it)" if source == "files" else ""
+
+
 def _print_report(report: "HardwareReport", choice: "Choice") -> None:
     wsl = f", WSL{report.wsl}" if report.wsl else ""
     _row("OS", f"{report.os} {report.os_release} ({report.arch}{wsl})")
@@ -51,11 +57,11 @@ def _print_report(report: "HardwareReport", choice: "Choice") -> None:
     if torch is not None:
         gpu = (f"HIP {torch.hip}" if torch.hip else f"CUDA {torch.cuda}" if torch.cuda else "CPU build")
         _row("torch", f"{torch.version} ({gpu}); GPU devices: {torch.cuda_device_count}; "
-                      f"MPS: {'yes' if torch.mps_available else 'no'}")
+                      f"MPS: {'yes' if torch.mps_available else 'no'}{_predicted(torch.source)}")
     else:
         _row("torch", report.absent.get("torch", "not probed"))
     if mlx is not None:
-        _row("mlx", f"{mlx.version}, default device {mlx.default_device}")
+        _row("mlx", f"{mlx.version}, default device {mlx.default_device}{_predicted(mlx.source)}")
     else:
         _row("mlx", report.absent.get("mlx", "not probed"))
 
@@ -88,16 +94,22 @@ def detect(
     json_output: JsonOpt = False,
     backend: BackendOpt = None,
     preset: PresetOpt = None,
+    verify: VerifyOpt = False,
 ) -> None:
     """Show the hardware here and the backend, device and preset `setup` would use.
 
     Reports OS, WSL, Python, frameworks (torch CUDA/HIP/MPS, mlx), accelerators and the probes
-    that found nothing; then the choice, each part with its reason."""
+    that found nothing; then the choice, each part with its reason. torch and mlx are not
+    imported (that takes seconds): their builds are read from the installed files and what they
+    can use is predicted from the hardware; `--verify` imports them instead."""
     from harness.hardware.detect import choose, probe
 
     presets = _load_presets()
-    with err.status("probing hardware and importing frameworks..."):
-        report = probe()
+    if verify:
+        with err.status("probing hardware and importing frameworks..."):
+            report = probe(frameworks="import")
+    else:
+        report = probe(frameworks="files")
     try:
         choice = choose(report, presets, backend=backend, preset=preset)
     except ValueError as exc:

@@ -145,3 +145,29 @@ def test_python_m_autoresearch_detect_json(tmp_path):
     if not _has_usable_gpu():
         assert (choice["backend"], choice["device"], choice["preset"]) == ("cuda", "cpu", "cpu-tiny")
     assert choice["preset"] in TIERS
+
+
+def _imported_modules(importtime_stderr: str) -> set[str]:
+    """Module names from `python -X importtime` lines: `import time: self | cumulative | name`."""
+    return {line.rsplit("|", 1)[1].strip() for line in importtime_stderr.splitlines()
+            if line.startswith("import time:") and line.count("|") == 2}
+
+
+def test_detect_reads_the_frameworks_without_importing_them_and_verify_imports_them(tmp_path):
+    def detect_json(*args: str):
+        out = subprocess.run([sys.executable, "-X", "importtime", "-m", "autoresearch", "detect", "--json", *args],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout), _imported_modules(out.stderr)
+
+    fast, fast_modules = detect_json()
+    assert "typer" in fast_modules  # the measurement works
+    assert not {"torch", "mlx.core", "mlx"} & fast_modules
+    verified, verified_modules = detect_json("--verify")
+    assert fast["choice"] == verified["choice"]
+    for name, module in (("torch", "torch"), ("mlx", "mlx.core")):
+        if verified["frameworks"][name] is None:
+            continue
+        assert module in verified_modules
+        assert (fast["frameworks"][name]["source"], verified["frameworks"][name]["source"]) == ("files", "import")
+        assert {**fast["frameworks"][name], "source": "import"} == verified["frameworks"][name]

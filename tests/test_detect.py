@@ -338,11 +338,88 @@ def test_probe_this_machine():
 
 
 def test_probe_without_frameworks_does_not_import_torch():
-    code = ("import sys; from harness.hardware.detect import probe; r = probe(frameworks=False); "
+    code = ("import sys; from harness.hardware.detect import probe; r = probe(frameworks='none'); "
             "print('torch' in sys.modules, 'mlx.core' in sys.modules, r.frameworks.torch)")
     out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False", "None"]
+
+
+def test_probe_from_files_imports_nothing_and_agrees_with_the_imports():
+    code = ("import json, sys; from harness.hardware.detect import probe; r = probe(frameworks='files'); "
+            "print(json.dumps([sorted(m for m in ('torch', 'mlx.core') if m in sys.modules), r.to_dict()]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    imported, fast = json.loads(out.stdout)
+    assert imported == []
+    full = detect.probe(frameworks="import").to_dict()
+    for name in ("torch", "mlx"):
+        if full["frameworks"][name] is None:
+            assert fast["frameworks"][name] is None and name in fast["absent"]
+            continue
+        assert fast["frameworks"][name]["source"] == "files"
+        assert {**fast["frameworks"][name], "source": "import"} == full["frameworks"][name], name
+    presets = load_presets()
+    assert choose(detect.probe(frameworks="files"), presets) == choose(detect.probe(), presets)
+
+
+# --- torch and mlx builds read from their files ---------------------------------------------------
+
+@pytest.mark.parametrize("name, build", [
+    ("torch_version_cu128.py.txt", ("2.8.0+cu128", "12.8", None)),
+    ("torch_version_rocm64.py.txt", ("2.8.0+rocm6.4", None, "6.4.43482-0f2d60242")),
+    ("torch_version_cpu.py.txt", ("2.13.0+cpu", None, None)),
+    ("torch_version_cu118_2_1.py.txt", ("2.1.2+cu118", "11.8", None)),
+])
+def test_torch_build_from_its_version_file(name, build):
+    assert detect.parse_torch_version_file(fixture(name)) == build
+
+
+def test_torch_version_file_without_a_version_is_rejected():
+    with pytest.raises(ValueError, match="__version__"):
+        detect.parse_torch_version_file("cuda = '12.8'\n")
+
+
+def test_installed_torch_is_read_from_its_files():
+    torch = pytest.importorskip("torch")
+    assert detect.torch_build_from_files() == (torch.__version__, torch.version.cuda, torch.version.hip)
+
+
+def nvml_accelerators(name: str, **changes) -> list[Accelerator]:
+    return detect.parse_nvml({**json.loads(fixture(name)), **changes})
+
+
+def test_a_cuda_build_is_predicted_to_see_the_nvidia_gpus_its_driver_supports():
+    linux = report_of()
+    version, cuda, hip = detect.parse_torch_version_file(fixture("torch_version_cu128.py.txt"))
+    info, why = detect.predict_torch(version, cuda, hip, linux, nvml_accelerators("nvml_2x_rtx3060.json"))
+    assert (info.cuda_available, info.cuda_device_count, info.source, why) == (True, 2, "files", None)
+    old_driver = nvml_accelerators("nvml_h100.json", cuda_driver_version=11080)
+    info, why = detect.predict_torch(version, cuda, hip, linux, old_driver)
+    assert not info.cuda_available and "supports CUDA 11.8, older than torch's CUDA 12.8" in why
+    info, why = detect.predict_torch(version, cuda, hip, linux, [])
+    assert not info.cuda_available and "no NVIDIA GPU found" in why
+
+
+def test_a_rocm_build_sees_amd_gpus_on_linux_and_mps_comes_with_apple_silicon():
+    version, cuda, hip = detect.parse_torch_version_file(fixture("torch_version_rocm64.py.txt"))
+    amd = detect.parse_rocm_smi(fixture("rocm_smi_mi300x.json"))
+    info, why = detect.predict_torch(version, cuda, hip, report_of(), amd)
+    assert (info.cuda_available, info.cuda_device_count, why) == (True, len(amd), None)
+    info, why = detect.predict_torch(version, cuda, hip, report_of(), nvml_accelerators("nvml_h100.json"))
+    assert not info.cuda_available and "no AMD GPU found" in why
+    mac = report_of(os_name="Darwin", arch="arm64")
+    info, _ = detect.predict_torch("2.8.0", None, None, mac, [])
+    assert info.mps_available and not info.cuda_available
+    assert not detect.predict_torch("2.8.0", None, None, report_of(), [])[0].mps_available
+
+
+def test_installed_mlx_is_read_from_its_metadata():
+    mlx = pytest.importorskip("mlx.core")
+    info = detect.mlx_from_files(report_of(), [])
+    assert info.version == detect.probe_mlx().version and info.source == "files"
+    assert info.default_device == detect.probe_mlx().default_device
+    assert detect.mlx_from_files(report_of(os_name="Darwin", arch="arm64"), []).default_device == "gpu"
 
 
 @pytest.mark.skipif(platform.system() != "Linux", reason="rocm-smi and sysfs are Linux probes")

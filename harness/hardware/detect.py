@@ -9,15 +9,19 @@ never as a traceback.
 Accelerators come from, in order: NVML (NVIDIA), amdsmi, then `rocm-smi`, then
 `/sys/class/drm` (AMD; the first that finds a GPU wins), `sysctl` (Apple silicon), and last
 torch itself for any GPU torch sees that no probe named. torch and mlx are imported only inside
-their probes (importing torch takes seconds; `probe(frameworks=False)` skips it).
+their probes: importing torch takes seconds, so `probe(frameworks="files")` reads their builds
+from the installed files instead (torch/version.py, package metadata) and predicts what they will
+see from the hardware found; `probe(frameworks="none")` skips them.
 
 `choose()` turns a report into a `Choice` of backend, device and preset, each with its reason.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -28,7 +32,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from harness.paths import BACKENDS
 from harness.hardware.presets import Preset, choose_cpu_preset, choose_preset, get_preset, memory_gb, primary_accelerator
@@ -85,12 +89,14 @@ class TorchInfo:
     cuda_available: bool      # torch.cuda.is_available() (also true for HIP devices)
     cuda_device_count: int
     mps_available: bool
+    source: str = "import"    # "import": asked torch; "files": its build read from disk, the rest predicted
 
 
 @dataclass
 class MlxInfo:
     version: str
     default_device: str       # "gpu" (Metal, or CUDA builds) or "cpu"
+    source: str = "import"    # as TorchInfo.source
 
 
 @dataclass
@@ -300,6 +306,56 @@ def torch_accelerators(info: TorchInfo, devices: list[dict[str, Any]]) -> list[A
     return found
 
 
+def parse_torch_version_file(text: str) -> tuple[str, str | None, str | None]:
+    """(`__version__`, `cuda`, `hip`) from the text of torch/version.py, which every torch wheel
+    writes at build time, read without importing torch."""
+    values: dict[str, Any] = {}
+    for node in ast.parse(text).body:
+        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else (
+            node.target if isinstance(node, ast.AnnAssign) else None)
+        if isinstance(target, ast.Name) and node.value is not None:
+            with contextlib.suppress(ValueError):
+                values[target.id] = ast.literal_eval(node.value)
+    version = values.get("__version__")
+    if not isinstance(version, str):
+        raise ValueError("torch/version.py names no __version__")
+    cuda, hip = values.get("cuda"), values.get("hip")
+    return version, cuda if isinstance(cuda, str) else None, hip if isinstance(hip, str) else None
+
+
+def driver_cuda(accelerator: Accelerator) -> tuple[int, int] | None:
+    """The CUDA version an NVIDIA driver supports, from `parse_nvml`'s "550.54 (CUDA 12.4)"."""
+    match = re.search(r"CUDA (\d+)\.(\d+)", accelerator.driver_version or "")
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def predict_torch(version: str, cuda: str | None, hip: str | None, report: "HardwareReport",
+                  accelerators: list[Accelerator]) -> tuple[TorchInfo, str | None]:
+    """What a torch build would see here, from the hardware the other probes found: a CUDA build
+    uses the NVIDIA GPUs whose driver supports its CUDA major version, a ROCm build the AMD GPUs
+    (Linux), every macOS arm64 build has MPS. Returns (info, why CUDA/HIP is unusable or None)."""
+    why = None
+    if hip:
+        devices = [a for a in accelerators if a.vendor == "amd"] if report.os == "Linux" else []
+        if not devices:
+            why = f"no AMD GPU found for torch's ROCm/HIP {hip} build"
+    elif cuda:
+        nvidia = [a for a in accelerators if a.vendor == "nvidia"]
+        major = int(cuda.split(".")[0])
+        devices = [a for a in nvidia if (driver_cuda(a) or (major,))[0] >= major]
+        if not nvidia:
+            why = f"no NVIDIA GPU found for torch's CUDA {cuda} build"
+        elif not devices:
+            supported = ".".join(map(str, driver_cuda(nvidia[0]) or ()))
+            why = (f"the NVIDIA driver supports CUDA {supported}, older than torch's CUDA {cuda} build: "
+                   "update the driver")
+    else:
+        devices = []
+    info = TorchInfo(version=version, cuda=cuda, hip=hip, cuda_available=bool(devices),
+                     cuda_device_count=len(devices), mps_available=report.is_apple_silicon, source="files")
+    return info, why
+
+
 # ---------------------------------------------------------------------------------------------
 # Readers: fetch the raw input from a library, a command or a file.
 # ---------------------------------------------------------------------------------------------
@@ -440,6 +496,45 @@ def probe_mlx() -> MlxInfo:
     return MlxInfo(version=mx.__version__, default_device=kind)
 
 
+def torch_build_from_files() -> tuple[str, str | None, str | None]:
+    """The installed torch's (version, cuda, hip), read from torch/version.py without importing
+    torch; ProbeMissing when torch is not installed."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        raise ProbeMissing(f"not installed; {INSTALL_HINTS['cpu']}")
+    version_file = Path(next(iter(spec.submodule_search_locations))) / "version.py"
+    try:
+        return parse_torch_version_file(version_file.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ProbeMissing(f"installed, but {version_file} is unreadable ({exc})") from None
+
+
+MLX_CUDA_DISTRIBUTIONS = ("mlx-cuda-13", "mlx-cuda-12", "mlx-cuda")
+
+
+def _distribution_installed(name: str) -> bool:
+    try:
+        importlib.metadata.distribution(name)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def mlx_from_files(report: "HardwareReport", accelerators: list[Accelerator]) -> MlxInfo:
+    """mlx's version from its metadata and its default device predicted from the build installed
+    beside it: Metal on Apple silicon, CUDA (mlx-cuda-*) with an NVIDIA GPU, else the CPU."""
+    if importlib.util.find_spec("mlx") is None:
+        raise ProbeMissing(f"not installed; {INSTALL_HINTS['mlx']}")
+    try:
+        version = importlib.metadata.version("mlx")
+    except importlib.metadata.PackageNotFoundError:
+        raise ProbeMissing("an mlx package is importable but has no installed metadata") from None
+    gpu = report.is_apple_silicon or (
+        any(a.vendor == "nvidia" for a in accelerators)
+        and any(_distribution_installed(name) for name in MLX_CUDA_DISTRIBUTIONS))
+    return MlxInfo(version=version, default_device="gpu" if gpu else "cpu", source="files")
+
+
 def probe_cpu(system: str) -> CpuInfo:
     info = CpuInfo(cores=os.cpu_count())
     if system == "Linux":
@@ -488,9 +583,16 @@ def _run_probe(name: str, probe: Callable[[], list[Accelerator]], absent: dict[s
     return found
 
 
-def probe(frameworks: bool = True, drm_root: Path = DRM_ROOT) -> HardwareReport:
-    """Probe this machine. `frameworks=False` skips importing torch and mlx (fast, but then
-    `choose()` cannot know what they support)."""
+FrameworkProbe = Literal["import", "files", "none"]
+
+
+def probe(frameworks: FrameworkProbe | bool = "import", drm_root: Path = DRM_ROOT) -> HardwareReport:
+    """Probe this machine. `frameworks`: "import" (or True) asks torch and mlx themselves
+    (seconds); "files" reads their builds from the installed files and predicts what they will
+    see (fast, what `autoresearch detect` does); "none" (or False) skips them (then `choose()`
+    cannot know what they support)."""
+    if isinstance(frameworks, bool):
+        frameworks = "import" if frameworks else "none"
     system = platform.system()
     report = HardwareReport(
         os=system,
@@ -515,12 +617,14 @@ def probe(frameworks: bool = True, drm_root: Path = DRM_ROOT) -> HardwareReport:
     accelerators += amd
     accelerators += _run_probe("apple", probe_apple, absent)
 
-    if frameworks:
+    if frameworks == "import":
         _probe_frameworks(report, accelerators)
+    elif frameworks == "files":
+        _frameworks_from_files(report, accelerators)
     else:
-        for name, module in (("torch", "torch"), ("mlx", "mlx.core")):
+        for name, module in (("torch", "torch"), ("mlx", "mlx")):
             installed = _installed(module)
-            absent[name] = "installed, not imported (probe(frameworks=False))" if installed else "not installed"
+            absent[name] = "installed, not probed (probe(frameworks='none'))" if installed else "not installed"
     report.accelerators = accelerators
     return report
 
@@ -530,6 +634,21 @@ def _installed(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
         return False
+
+
+def _frameworks_from_files(report: HardwareReport, accelerators: list[Accelerator]) -> None:
+    absent = report.absent
+    try:
+        info, why = predict_torch(*torch_build_from_files(), report, accelerators)
+        report.frameworks.torch = info
+        if why:
+            absent["torch.cuda"] = why
+    except ProbeMissing as exc:
+        absent["torch"] = str(exc)
+    try:
+        report.frameworks.mlx = mlx_from_files(report, accelerators)
+    except ProbeMissing as exc:
+        absent["mlx"] = str(exc)
 
 
 def _probe_frameworks(report: HardwareReport, accelerators: list[Accelerator]) -> None:
