@@ -11,7 +11,7 @@ import typer
 from autoresearch.output import err, fail, print_json
 
 if TYPE_CHECKING:
-    from harness.hardware.detect import Choice, HardwareReport
+    from harness.hardware.detect import Choice, HardwareReport, TorchBuildAdvice
     from harness.hardware.presets import Preset
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
@@ -46,7 +46,7 @@ def _predicted(source: str) -> str:
     return " (build read from its files; `--verify` imports it)" if source == "files" else ""
 
 
-def _print_report(report: "HardwareReport", choice: "Choice") -> None:
+def _print_report(report: "HardwareReport", choice: "Choice", advice: "TorchBuildAdvice | None") -> None:
     wsl = f", WSL{report.wsl}" if report.wsl else ""
     _row("OS", f"{report.os} {report.os_release} ({report.arch}{wsl})")
     _row("Python", report.python)
@@ -60,6 +60,10 @@ def _print_report(report: "HardwareReport", choice: "Choice") -> None:
                       f"MPS: {'yes' if torch.mps_available else 'no'}{_predicted(torch.source)}")
     else:
         _row("torch", report.absent.get("torch", "not probed"))
+    if advice is not None:
+        _row("", f"wrong build: {advice.problem}")
+        _row("", f"fix: {advice.command}")
+        _row("", f"     (with uv: {advice.uv_command})")
     if mlx is not None:
         _row("mlx", f"{mlx.version}, default device {mlx.default_device}{_predicted(mlx.source)}")
     else:
@@ -102,7 +106,7 @@ def detect(
     that found nothing; then the choice, each part with its reason. torch and mlx are not
     imported (that takes seconds): their builds are read from the installed files and what they
     can use is predicted from the hardware; `--verify` imports them instead."""
-    from harness.hardware.detect import choose, probe
+    from harness.hardware.detect import choose, probe, torch_build_advice
 
     presets = _load_presets()
     if verify:
@@ -114,10 +118,12 @@ def detect(
         choice = choose(report, presets, backend=backend, preset=preset)
     except ValueError as exc:
         fail(str(exc))  # it names the valid choices, or what to install
+    advice = torch_build_advice(report)
     if json_output:
-        print_json({**report.to_dict(), "choice": choice.to_dict()})
+        print_json({**report.to_dict(), "torch_build": advice.to_dict() if advice else None,
+                    "choice": choice.to_dict()})
     else:
-        _print_report(report, choice)
+        _print_report(report, choice, advice)
 
 
 presets_app = typer.Typer(

@@ -164,10 +164,51 @@ def test_detect_reads_the_frameworks_without_importing_them_and_verify_imports_t
     assert "typer" in fast_modules  # the measurement works
     assert not {"torch", "mlx.core", "mlx"} & fast_modules
     verified, verified_modules = detect_json("--verify")
-    assert fast["choice"] == verified["choice"]
+    assert fast["choice"] == verified["choice"] and fast["torch_build"] == verified["torch_build"]
     for name, module in (("torch", "torch"), ("mlx", "mlx.core")):
         if verified["frameworks"][name] is None:
             continue
         assert module in verified_modules
         assert (fast["frameworks"][name]["source"], verified["frameworks"][name]["source"]) == ("files", "import")
         assert {**fast["frameworks"][name], "source": "import"} == verified["frameworks"][name]
+
+
+def _torch_build() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return "rocm" if torch.version.hip else "cuda" if torch.version.cuda else "cpu"
+
+
+@pytest.mark.skipif(os.name != "posix" or _torch_build() != "cpu" or _has_usable_gpu(),
+                    reason="a CPU build of torch on a machine without a GPU, where a recorded rocm-smi stands in")
+def test_detect_names_a_torch_build_that_cannot_use_the_gpu_and_the_command_that_fixes_it(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    rocm_smi = bin_dir / "rocm-smi"  # answers as rocm-smi does on a Radeon RX 7900 XT
+    rocm_smi.write_text(f"#!/bin/sh\ncat '{PROJECT / 'tests' / 'fixtures' / 'detect' / 'rocm_smi_7900xt.json'}'\n")
+    rocm_smi.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    fix = "pip uninstall -y torch && pip install torch --index-url https://download.pytorch.org/whl/rocm6.4"
+    text = subprocess.run([sys.executable, "-m", "autoresearch", "detect"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert text.returncode == 0, text.stderr
+    assert "wrong build: torch" in text.stdout and "a CPU build, which cannot use the Radeon RX 7900 XT" in text.stdout
+    assert f"fix: {fix}\n" in text.stdout and "uv sync --extra rocm" in text.stdout
+    data = json.loads(subprocess.run([sys.executable, "-m", "autoresearch", "detect", "--json"], cwd=tmp_path,
+                                     env=env, capture_output=True, text=True, timeout=120).stdout)
+    assert (data["torch_build"]["installed"], data["torch_build"]["wanted"]) == ("cpu", "rocm")
+    assert data["torch_build"]["command"] == fix
+    assert fix in data["choice"]["reasons"]["backend"]
+
+
+def test_detect_says_nothing_about_a_build_that_fits(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "autoresearch", "detect", "--json"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    data = json.loads(out.stdout)
+    if _torch_build() == "cpu" and not data["accelerators"]:
+        assert data["torch_build"] is None
+    text = subprocess.run([sys.executable, "-m", "autoresearch", "detect"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120).stdout
+    assert ("wrong build" in text) == (data["torch_build"] is not None)

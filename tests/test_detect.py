@@ -422,6 +422,63 @@ def test_installed_mlx_is_read_from_its_metadata():
     assert detect.mlx_from_files(report_of(os_name="Darwin", arch="arm64"), []).default_device == "gpu"
 
 
+# --- the torch build against the hardware ---------------------------------------------------------
+
+def amd_accelerators() -> list[Accelerator]:
+    return detect.parse_amdsmi(json.loads(fixture("amdsmi_mi300x.json")))
+
+
+@pytest.mark.parametrize("torch_file, hardware, wanted", [
+    ("torch_version_cpu.py.txt", "nvidia", "cuda"),   # a CPU build next to an NVIDIA GPU
+    ("torch_version_rocm64.py.txt", "nvidia", "cuda"),
+    ("torch_version_cu128.py.txt", "amd", "rocm"),    # a CUDA build on an AMD machine
+    ("torch_version_cpu.py.txt", "amd", "rocm"),
+    ("torch_version_cu128.py.txt", "none", "cpu"),    # a CUDA build on a CPU-only machine
+    ("torch_version_rocm64.py.txt", "none", "cpu"),
+    ("torch_version_cu128.py.txt", "nvidia", None),   # builds that fit
+    ("torch_version_rocm64.py.txt", "amd", None),
+    ("torch_version_cpu.py.txt", "none", None),
+])
+def test_a_torch_build_that_does_not_fit_the_hardware_is_named_with_its_fix(torch_file, hardware, wanted):
+    accelerators = {"nvidia": nvml_accelerators("nvml_h100.json"), "amd": amd_accelerators(), "none": []}[hardware]
+    report = report_of(*accelerators)
+    report.frameworks.torch, _ = detect.predict_torch(*detect.parse_torch_version_file(fixture(torch_file)),
+                                                      report, accelerators)
+    advice = detect.torch_build_advice(report)
+    if wanted is None:
+        assert advice is None
+        return
+    assert advice.wanted == wanted and advice.installed != wanted
+    assert advice.command == f"pip uninstall -y torch && pip install torch --index-url {detect.TORCH_INDEXES[wanted]}"
+    assert advice.uv_command == f"uv sync --extra {wanted}"
+    assert report.frameworks.torch.version in advice.problem
+    if hardware != "none":
+        assert accelerators[0].name in advice.problem
+        # The choice says the same: the GPU cannot be used, and the command that fixes it.
+        choice = choose(report, load_presets())
+        assert choice.device == "cpu" and advice.command in choice.reasons["backend"]
+
+
+def test_no_build_advice_on_macos_or_where_no_better_build_exists():
+    mac = report_of(M2MAX, torch=MPS_TORCH, os_name="Darwin", arch="arm64")
+    assert detect.torch_build_advice(mac) is None
+    windows_amd = report_of(MI300X, torch=CPU_TORCH, os_name="Windows")
+    assert detect.torch_build_advice(windows_amd) is None
+    dead_weight = detect.torch_build_advice(report_of(MI300X, torch=CUDA_TORCH, os_name="Windows"))
+    assert dead_weight.wanted == "cpu" and "no ROCm build" in dead_weight.problem
+    assert detect.torch_build_advice(report_of(H100)) is None  # no torch at all: nothing to replace
+
+
+def test_torch_indexes_are_the_ones_uv_uses():
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        import tomli as tomllib
+    pyproject = tomllib.loads((PROJECT / "pyproject.toml").read_text())
+    uv_indexes = {entry["url"] for entry in pyproject["tool"]["uv"]["index"]}
+    assert set(detect.TORCH_INDEXES.values()) == uv_indexes
+
+
 @pytest.mark.skipif(platform.system() != "Linux", reason="rocm-smi and sysfs are Linux probes")
 def test_probe_with_rocm_smi_and_sysfs_then_cpu_torch_explains_the_fix(tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"

@@ -42,12 +42,28 @@ PCI_VENDORS = {"0x10de": "nvidia", "0x1002": "amd"}
 ROCM_SMI_COMMAND = ["rocm-smi", "--showproductname", "--showmeminfo", "vram", "--showdriverversion", "--json"]
 COMMAND_TIMEOUT = 15.0  # seconds; a hung driver tool must not hang `detect`
 
+# The wheel index of each torch build (pyproject.toml's [tool.uv.index] names the same ones for
+# uv). PyPI's Linux torch is a CUDA build: a pip user on AMD or CPU gets the right one only here.
+TORCH_INDEXES = {
+    "cuda": "https://download.pytorch.org/whl/cu128",
+    "rocm": "https://download.pytorch.org/whl/rocm6.4",
+    "cpu": "https://download.pytorch.org/whl/cpu",
+}
+
+
+def torch_install_command(build: str, replace: bool = False) -> str:
+    """The pip command for torch's `build` ("cuda", "rocm" or "cpu") from its index; `replace`
+    uninstalls the build that is there first (pip would otherwise call any torch satisfied)."""
+    install = f"pip install torch --index-url {TORCH_INDEXES[build]}"
+    return f"pip uninstall -y torch && {install}" if replace else install
+
+
 # How to install each backend's framework (named in errors and reasons).
 INSTALL_HINTS = {
-    "cuda": "install with `uv sync --extra cuda` (or `pip install -e '.[cuda]'`)",
-    "rocm": "install a ROCm build of torch with `uv sync --extra rocm`",
-    "mps": "install with `uv sync --extra mps` (or `pip install torch`)",
-    "cpu": "install with `uv sync --extra cpu` (or `pip install torch`)",
+    "cuda": f"install with `uv sync --extra cuda` (or `{torch_install_command('cuda')} && pip install -e '.[cuda]'`)",
+    "rocm": f"install with `uv sync --extra rocm` (or `{torch_install_command('rocm')} && pip install -e '.[rocm]'`)",
+    "mps": "install with `uv sync --extra mps` (or `pip install -e '.[mps]'`)",
+    "cpu": f"install with `uv sync --extra cpu` (or `{torch_install_command('cpu')} && pip install -e '.[cpu]'`)",
     "mlx": "install with `uv sync --extra mlx` (or `pip install 'mlx[cpu]'` on Linux, `pip install mlx` on macOS)",
 }
 
@@ -721,6 +737,65 @@ def _wsl_note(report: HardwareReport) -> str:
     return ""
 
 
+@dataclass
+class TorchBuildAdvice:
+    """The installed torch build does not fit the hardware: what is wrong and the command that
+    installs the build that does."""
+
+    installed: str   # "cuda", "rocm" or "cpu"
+    wanted: str
+    problem: str
+    command: str     # pip, from the wanted build's index
+    uv_command: str  # the same through uv's per-extra index
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fix(self) -> str:
+        return f"`{self.command}` (with uv: `{self.uv_command}`)"
+
+
+BUILD_LABELS = {"cuda": "a CUDA build", "rocm": "a ROCm build", "cpu": "a CPU build"}
+
+
+def _torch_build(info: TorchInfo) -> str:
+    return "rocm" if info.hip else "cuda" if info.cuda else "cpu"
+
+
+def torch_build_advice(report: HardwareReport) -> TorchBuildAdvice | None:
+    """A CUDA build on an AMD or GPU-less machine, a CPU or ROCm build next to an NVIDIA GPU, a
+    CPU or CUDA build next to an AMD GPU on Linux: the build that fits, and how to get it. None
+    when the build fits, torch is absent, or on macOS (one build there, with MPS)."""
+    torch = report.frameworks.torch
+    if torch is None or report.os == "Darwin":
+        return None
+    installed = _torch_build(torch)
+    gpu = primary_accelerator(report, "nvidia") or primary_accelerator(report, "amd")
+    if gpu is None:
+        wanted = "cpu"
+    elif gpu.vendor == "nvidia":
+        wanted = "cuda"
+    elif report.os == "Linux":
+        wanted = "rocm"
+    else:  # no ROCm wheels for this OS: a CUDA build is dead weight, a CPU build is the best there is
+        wanted = "cpu"
+    if installed == wanted:
+        return None
+    label = BUILD_LABELS[installed]
+    if gpu is None:
+        problem = (f"torch {torch.version} is {label}, but there is no NVIDIA or AMD GPU here: it runs on "
+                   f"the CPU, as the CPU build does, which is gigabytes smaller")
+    elif wanted == "cpu":
+        problem = (f"torch {torch.version} is {label}, but the GPU here is {gpu.describe()}, which it "
+                   f"cannot use and for which this OS has no ROCm build: the CPU build is gigabytes smaller")
+    else:
+        problem = (f"torch {torch.version} is {label}, which cannot use the {gpu.describe()} here; "
+                   f"{BUILD_LABELS[wanted].replace('a ', 'the ', 1)} can")
+    return TorchBuildAdvice(installed=installed, wanted=wanted, problem=problem,
+                            command=torch_install_command(wanted, replace=True),
+                            uv_command=f"uv sync --extra {wanted}")
+
+
 def _unusable_note(report: HardwareReport, torch: TorchInfo | None) -> str:
     """Why the accelerators found (if any) cannot be used, with the fix."""
     device = primary_accelerator(report)
@@ -732,6 +807,11 @@ def _unusable_note(report: HardwareReport, torch: TorchInfo | None) -> str:
     backend = "cuda" if device.vendor == "nvidia" else "rocm"
     if torch is None:
         return f"{device.describe()} found, but torch is not installed: {INSTALL_HINTS[backend]}"
+    advice = torch_build_advice(report)
+    if advice is not None:
+        return (f"{device.describe()} found, but {_torch_label(torch)} is {BUILD_LABELS[advice.installed]}: "
+                f"install {BUILD_LABELS[advice.wanted].replace('a ', 'the ', 1)} with {advice.fix()}"
+                + _wsl_note(report))
     why = report.absent.get("torch.cuda") or f"{_torch_label(torch)} cannot use it"
     return f"{device.describe()} found, but {why}: {INSTALL_HINTS[backend]}" + _wsl_note(report)
 
@@ -768,6 +848,14 @@ def _auto_backend(report: HardwareReport) -> tuple[str, str, str | None, str]:
     return "cuda", "cpu", None, f"{note}; no framework installed: {INSTALL_HINTS['cpu']} -> the cuda trainer on the CPU"
 
 
+def _build_fix(torch: TorchInfo, build: str) -> str:
+    """How to get torch's `build` when another build is installed (an install hint otherwise)."""
+    if _torch_build(torch) == build:
+        return INSTALL_HINTS[build]
+    return (f"install {BUILD_LABELS[build].replace('a ', 'the ', 1)} with "
+            f"`{torch_install_command(build, replace=True)}` (with uv: `uv sync --extra {build}`)")
+
+
 def _forced_backend(report: HardwareReport, backend: str) -> tuple[str, str | None, str]:
     """(device, vendor whose tier applies or None, reason) for `--backend`; ValueError when the
     backend's framework is missing."""
@@ -789,12 +877,12 @@ def _forced_backend(report: HardwareReport, backend: str) -> tuple[str, str | No
             note = f", {attention_note(device)}" if device else ""
             return "cuda", "nvidia", f"requested with --backend; {label} sees a CUDA device{note}"
         why = "it is a ROCm build: use --backend rocm for the AMD GPU" if torch.hip else (
-            report.absent.get("torch.cuda") or f"it has no CUDA device here; {INSTALL_HINTS['cuda']}")
+            report.absent.get("torch.cuda") or f"it has no CUDA device here; {_build_fix(torch, 'cuda')}")
         return "cpu", None, f"requested with --backend, but {label}: {why} -> device cpu"
     if backend == "rocm":
         if torch.cuda_available and torch.hip:
             return "cuda", "amd", f"requested with --backend; {label} sees a HIP device (torch's 'cuda')"
-        why = report.absent.get("torch.cuda") if torch.hip else f"it is not a ROCm build; {INSTALL_HINTS['rocm']}"
+        why = report.absent.get("torch.cuda") if torch.hip else f"it is not a ROCm build; {_build_fix(torch, 'rocm')}"
         return "cpu", None, f"requested with --backend, but {label}: {why or 'no HIP device'} -> device cpu"
     if torch.mps_available:  # backend == "mps"
         return "mps", "apple", f"requested with --backend; {label} has MPS"
