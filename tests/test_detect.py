@@ -479,6 +479,12 @@ def test_torch_indexes_are_the_ones_uv_uses():
     assert set(detect.TORCH_INDEXES.values()) == uv_indexes
 
 
+def test_the_readme_installs_each_platforms_torch_from_its_index():
+    readme = (PROJECT / "README.md").read_text()
+    for build, extra in (("cuda", "cuda"), ("rocm", "rocm"), ("cpu", "cpu")):
+        assert f'{detect.torch_install_command(build)} && pip install -e ".[{extra}]"' in readme, build
+
+
 @pytest.mark.skipif(platform.system() != "Linux", reason="rocm-smi and sysfs are Linux probes")
 def test_probe_with_rocm_smi_and_sysfs_then_cpu_torch_explains_the_fix(tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
