@@ -1,5 +1,6 @@
 """`autoresearch results`: the experiments of a results.tsv (ours or upstream's) as a table, a
-summary and gains by change; `--json` for tools, `--plot` for upstream's progress figure."""
+summary and gains by change; `--json` for tools, `--plot` for upstream's progress figure.
+`autoresearch report`: a session's morning page in HTML (loop.report)."""
 
 from __future__ import annotations
 
@@ -149,5 +150,58 @@ def _print_summary(summary) -> None:
             out.print(f"  {count:>3}  {reason}", markup=False)
 
 
+def report(
+    tag: Annotated[Optional[str], typer.Option("--tag", help="The session (default: the active one, else the latest).")] = None,
+    out_path: Annotated[Optional[Path], typer.Option(
+        "--out", help="Where to write the page (default: report.html in the session's folder, outside the working tree).")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Also print the report's figures as one JSON object on stdout.")] = False,
+) -> None:
+    """Write one self-contained HTML page of a session: the progress plot, the kept changes with
+    their diffs and gains, crashes by reason, the noise floor and holdout check, experiments per
+    hour, device hours and energy where recorded. Open it in any browser; it loads nothing.
+
+    Example: autoresearch report --out night.html"""
+    from harness.paths import repo_root
+    from loop.report import write_report
+    from loop.session import SessionPaths, sessions_dir
+
+    root = repo_root()
+    tag = tag or _report_tag(root)
+    paths = SessionPaths.of(root, tag)
+    if not paths.ledger.is_file():
+        known = sorted(p.parent.name for p in sessions_dir(root).glob("*/results.tsv"))
+        fail(f"session {tag!r} has no results at {paths.ledger}",
+             f"sessions with results here: {', '.join(known)}" if known else
+             "start one with `autoresearch session start TAG`")
+    table = read_results_or_fail(paths.ledger)  # its warnings, once, before the page repeats them
+    out_path = out_path or paths.directory / "report.html"
+    written = write_report(root, tag, out_path, table)
+    if table.problems:
+        info(f"the page lists the {len(table.problems)} ledger problem(s) too")
+    summary = written.summary
+    info(f"wrote the report of session {tag}: {summary.experiments} experiments, "
+         f"{len(written.kept)} kept, {summary.crashed} crashed -> {out_path.resolve().as_uri()}")
+    if json_output:
+        print_json(dict(written.to_dict(), path=str(out_path)))
+    else:
+        out.print(str(out_path), markup=False, highlight=False)
+
+
+def _report_tag(root: Path) -> str:
+    """The active session, else the one whose ledger changed last."""
+    from loop.ratchet import active_tag
+    from loop.session import sessions_dir
+
+    tag = active_tag(root)
+    if tag:
+        return tag
+    ledgers = sorted(sessions_dir(root).glob("*/results.tsv"), key=lambda p: p.stat().st_mtime)
+    if not ledgers:
+        fail(f"no session in {root}",
+             "start one with `autoresearch session start TAG`; for a results.tsv alone, use `autoresearch results`")
+    return ledgers[-1].parent.name
+
+
 def register(app: typer.Typer) -> None:
     app.command(rich_help_panel="Research loop")(results)
+    app.command(rich_help_panel="Research loop")(report)
