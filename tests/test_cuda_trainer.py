@@ -303,7 +303,7 @@ def test_detect_platform_on_cpu_picks_sdpa_and_says_why(monkeypatch, capsys):
     plat = tr.detect_platform("cpu")
     out = capsys.readouterr().out
     assert plat.flash_attn is None and not plat.compile and plat.device.type == "cpu"
-    assert re.search(r"attention: SDPA: device is cpu; FA3 kernels are CUDA-only", out)
+    assert re.search(r"attention: SDPA: device is cpu; FlashAttention kernels are CUDA-only", out)
     assert re.search(r"compile:\s+off \(eager\): CPU", out)
     assert plat.polar_dtype == torch.float32
     assert plat.peak_memory_mb() > 0 and plat.device_name

@@ -6,8 +6,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
+import json
 import math
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
@@ -123,75 +130,198 @@ def test_the_real_compile_probe_refuses_a_cpu_without_a_compiler(monkeypatch):
         hp.probe_compile("cpu")
 
 
-# -- attention ---------------------------------------------------------------------------------
+# -- attention: which kernel for which GPU (pure decisions) -------------------------------------
+
+def gpu(name: str, capability: tuple[int, int]) -> PlatformFacts:
+    return facts(LINUX_H100, device_name=name, capability=capability)
+
+
+@pytest.mark.parametrize("name,capability,expected,text", [
+    ("NVIDIA A100-SXM4-40GB", (8, 0), [hp.FA3_COMMUNITY], "FA4 has no backward before sm_90"),
+    ("NVIDIA GeForce RTX 3090", (8, 6), [hp.FA3_COMMUNITY], "Ampere/Ada"),
+    ("NVIDIA GeForce RTX 4090", (8, 9), [hp.FA3_COMMUNITY], "Ampere/Ada"),
+    ("NVIDIA H100 80GB HBM3", (9, 0), [hp.FA3_HOPPER, hp.FA3_COMMUNITY, hp.FA4], "upstream's measured H100 path"),
+    ("NVIDIA H200", (9, 0), [hp.FA3_HOPPER, hp.FA3_COMMUNITY, hp.FA4], "Hopper"),
+    ("NVIDIA B200", (10, 0), [hp.FA4], "FA4 targets it"),
+    ("NVIDIA GeForce RTX 5090", (12, 0), [hp.FA4], "FA3 has no kernel that runs there"),
+])
+def test_each_gpu_generation_gets_its_kernels_in_order_with_the_reason(name, capability, expected, text):
+    sources, why = hp.flash_attention_candidates(gpu(name, capability), "bf16")
+    assert list(sources) == expected
+    assert text in why and "unmeasured" in why
+
+
+def test_fa3_comes_pinned_from_the_hub_and_fa4_from_the_package_index():
+    for source in (hp.FA3_HOPPER, hp.FA3_COMMUNITY):
+        assert source.kernel == "FA3" and len(source.revision) == 40 and int(source.revision, 16) >= 0
+    assert hp.FA3_HOPPER.label == "FA3 varunneal/flash-attention-3@de87b9b"
+    assert hp.FA4.revision is None and hp.FA4.label == "FA4 flash-attn-4"
+
 
 @pytest.mark.parametrize("case,dtype,text", [
     (CPU, "bf16", "device is cpu"),
     (M2_PRO, "fp32", "device is mps"),
     (MI300X, "bf16", "ROCm build"),
-    (LINUX_H100, "fp32", "FA3 needs bf16"),
-    (facts(LINUX_H100, device_name="NVIDIA GeForce RTX 2080 Ti", capability=(7, 5)), "bf16", "pre-Ampere"),
+    (LINUX_H100, "fp32", "FlashAttention needs bf16"),
+    (gpu("NVIDIA GeForce RTX 2080 Ti", (7, 5)), "bf16", "7.5 (pre-Ampere)"),
+    (gpu("NVIDIA GPU", None), "bf16", "capability unknown"),
 ])
-def test_fa3_is_never_tried_where_it_cannot_work(case, dtype, text):
-    fa3, why = hp.choose_attention(case, dtype, get_kernel=unreachable)
-    assert fa3 is None and text in why
+def test_no_kernel_is_loaded_where_none_can_work(case, dtype, text):
+    assert hp.flash_attention_candidates(case, dtype)[0] == ()
+    kernel, why = hp.choose_attention(case, dtype, load=unreachable)
+    assert kernel is None and text in why
 
 
-class _Kernel:
-    """What `kernels.get_kernel` returns: an object with a `flash_attn_interface`."""
+def test_the_attention_override_forces_a_path():
+    h100, b200 = LINUX_H100, gpu("NVIDIA B200", (10, 0))
+    assert hp.flash_attention_candidates(facts(h100, attention_override="fa4"), "bf16") == ((hp.FA4,), "AUTORESEARCH_ATTENTION=fa4 (order unmeasured here)")
+    assert hp.flash_attention_candidates(facts(h100, attention_override="fa3"), "bf16")[0] == (hp.FA3_HOPPER, hp.FA3_COMMUNITY)
+    assert hp.flash_attention_candidates(facts(b200, attention_override="fa3"), "bf16")[0] == (hp.FA3_COMMUNITY,)
+    for path in ("flex", "sdpa"):
+        kernel, why = hp.choose_attention(facts(h100, attention_override=path), "bf16", load=unreachable)
+        assert kernel is None and why == f"AUTORESEARCH_ATTENTION={path}"
+    # still gated by what the hardware can do: fp32 has no FlashAttention, forced or not
+    assert hp.flash_attention_candidates(facts(h100, attention_override="fa4"), "fp32")[0] == ()
+    with pytest.raises(ValueError, match="use one of fa3, fa4, flex, sdpa"):
+        hp.flash_attention_candidates(facts(h100, attention_override="fa2"), "bf16")
 
-    def __init__(self, flash_attn_func):
-        self.flash_attn_interface = type("Interface", (), {"flash_attn_func": staticmethod(flash_attn_func)})
+
+# -- attention: the real `kernels` API -------------------------------------------------------------
+
+needs_kernels = pytest.mark.skipif(importlib.util.find_spec("kernels") is None,
+                                   reason="the `kernels` package is not installed (pip install -e '.[dev]')")
 
 
-def _sdpa_window(q, k, v, window):
-    """A correct FA3 stand-in on CPU: SDPA on (B, T, H, D) with keys [i - window, i] visible."""
+@needs_kernels
+def test_the_installed_kernels_is_the_api_range_the_cuda_extra_declares():
+    from importlib.metadata import version
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((hp.Path(hp.__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    bound = next(Requirement(r) for r in pyproject["project"]["optional-dependencies"]["cuda"] if r.startswith("kernels"))
+    assert bound.specifier.contains(version("kernels")), (
+        f"kernels {version('kernels')} is installed, outside the tested range {bound}: test the new API and move the bound")
+
+
+@needs_kernels
+def test_our_call_fits_the_real_get_kernel_signature():
+    import kernels
+
+    params = inspect.signature(kernels.get_kernel).parameters
+    for name in ("revision", "trust_remote_code"):
+        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY
+    assert list(params)[0] == "repo_id"
+    # the call the trainer made before: refused by kernels itself, before any network access
+    with pytest.raises(ValueError, match="A kernel version or revision must be specified"):
+        kernels.get_kernel(hp.FA3_HOPPER.origin)
+
+
+_SDPA_KERNEL = '''
+import torch
+import torch.nn.functional as F
+
+
+def flash_attn_func(q, k, v, causal=False, window_size=(-1, -1), softmax_scale=None):
+    """FA3's call on (B, T, H, D) tensors, through SDPA: keys [i - left, i] when causal."""
     T = q.size(1)
-    i = torch.arange(T)
+    i = torch.arange(T, device=q.device)
     d = i[:, None] - i[None, :]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=(d >= 0) & (d <= window))
+    left = {left}
+    mask = (d >= 0) & ((d <= left) if left >= 0 else True)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)
+'''
+KERNEL_BODIES = {
+    "correct": _SDPA_KERNEL.replace("{left}", "window_size[0]"),
+    "ignores the window": _SDPA_KERNEL.replace("{left}", "-1"),
+    "one key short": _SDPA_KERNEL.replace("{left}", "window_size[0] - 1"),
+    "no kernel image": "def flash_attn_func(*args, **kwargs):\n"
+                       "    raise RuntimeError('CUDA error: no kernel image is available for execution on the device')\n",
+}
 
 
-def test_fa3_falls_back_to_sdpa_when_the_hub_is_unreachable():
-    requested = []
-
-    def hub_unreachable(repo):
-        requested.append(repo)
-        raise ConnectionError("Name or service not known")
-
-    fa3, why = hp.choose_attention(LINUX_H100, "bf16", get_kernel=hub_unreachable)
-    assert fa3 is None and "ConnectionError" in why and requested == ["varunneal/flash-attention-3"]
-    hp.choose_attention(facts(LINUX_H100, capability=(8, 6)), "bf16", get_kernel=hub_unreachable)
-    assert requested[-1] == "kernels-community/flash-attn3"  # Ampere: only the community kernel exists
-
-
-def test_fa3_that_loads_then_fails_its_first_call_falls_back_with_the_reason():
-    blackwell = facts(LINUX_H100, device_name="NVIDIA GeForce RTX 5090", capability=(12, 0))
-
-    def no_kernel_image(*args, **kwargs):  # consumer Blackwell: the import works, the first call does not
-        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
-
-    fa3, why = hp.choose_attention(blackwell, "bf16", device="cpu", get_kernel=lambda repo: _Kernel(no_kernel_image))
-    assert fa3 is None and "kernels-community/flash-attn3 unusable here" in why and "no kernel image" in why
+def local_kernels(monkeypatch, root, **bodies_by_repo: str) -> None:
+    """Real `kernels` build directories (metadata.json + module) that kernels.get_kernel loads through
+    its LOCAL_KERNELS override instead of the Hub: the trainer's exact call, without a network."""
+    entries = []
+    for n, (repo, body) in enumerate(bodies_by_repo.items()):
+        path = root / f"kernel{n}"
+        path.mkdir()
+        metadata = {"id": f"{root.name}_kernel{n}", "name": "flash-attn3", "version": 1, "license": "BSD-3-Clause",
+                    "python-depends": [], "backend": {"type": "cpu"}}
+        (path / "metadata.json").write_text(json.dumps(metadata))
+        (path / "__init__.py").write_text("from . import flash_attn_interface\n")
+        (path / "flash_attn_interface.py").write_text(KERNEL_BODIES[body])
+        entries.append(f"{repo}={path}")
+    monkeypatch.setenv("LOCAL_KERNELS", ":".join(entries))
 
 
-def test_fa3_is_accepted_only_after_a_call_that_agrees_with_sdpa():
-    correct = _Kernel(lambda q, k, v, causal, window_size: _sdpa_window(q, k, v, window_size[0]))
-    fa3, why = hp.choose_attention(LINUX_H100, "bf16", device="cpu", get_kernel=lambda repo: correct)
-    assert fa3 is correct.flash_attn_interface and "verified by a test call" in why
-    # a kernel that ignores the window (or gets it off by one) is refused
-    for wrong_window in (lambda w: 64, lambda w: w - 1):
-        wrong = _Kernel(lambda q, k, v, causal, window_size, f=wrong_window: _sdpa_window(q, k, v, f(window_size[0])))
-        fa3, why = hp.choose_attention(LINUX_H100, "bf16", device="cpu", get_kernel=lambda repo: wrong)
-        assert fa3 is None and "disagrees with SDPA" in why
+@needs_kernels
+def test_fa3_loads_through_the_real_kernels_call_and_is_verified(monkeypatch, tmp_path):
+    local_kernels(monkeypatch, tmp_path, **{hp.FA3_HOPPER.origin: "correct"})
+    kernel, why = hp.choose_attention(LINUX_H100, "bf16", device="cpu")
+    assert kernel is not None and kernel.name == "FA3" and kernel.source == hp.FA3_HOPPER
+    assert why.startswith("FA3 varunneal/flash-attention-3@de87b9b, verified by a test call")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("kernels") is not None, reason="`kernels` is installed here (it would try the Hub)")
-def test_fa3_without_the_kernels_package_says_how_to_install_it():
-    fa3, why = hp.choose_attention(LINUX_H100, "bf16")
-    assert fa3 is None and "pip install kernels" in why
+@needs_kernels
+def test_a_kernel_that_fails_its_first_call_falls_back_to_the_next_with_the_reason(monkeypatch, tmp_path):
+    local_kernels(monkeypatch, tmp_path, **{hp.FA3_HOPPER.origin: "no kernel image", hp.FA3_COMMUNITY.origin: "correct"})
+    kernel, why = hp.choose_attention(LINUX_H100, "bf16", device="cpu")
+    assert kernel is not None and kernel.source == hp.FA3_COMMUNITY
+    assert "unusable before it: FA3 varunneal/flash-attention-3@de87b9b: RuntimeError: CUDA error: no kernel image" in why
+
+
+@needs_kernels
+@pytest.mark.parametrize("body", ["ignores the window", "one key short"])
+def test_a_kernel_with_other_window_semantics_is_refused(monkeypatch, tmp_path, body):
+    local_kernels(monkeypatch, tmp_path, **{hp.FA3_COMMUNITY.origin: body})
+    kernel, why = hp.choose_attention(gpu("NVIDIA A100-SXM4-80GB", (8, 0)), "bf16", device="cpu")
+    assert kernel is None and "disagrees with SDPA" in why and why.endswith("; SDPA")
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@needs_kernels
+def test_an_unreachable_hub_is_a_fall_back_with_the_network_error(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("LOCAL_KERNELS", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")  # as HF_ENDPOINT would
+    kernel, why = hp.choose_attention(LINUX_H100, "bf16", device="cpu")
+    assert kernel is None and why.startswith("no FlashAttention kernel usable here")
+    for source in (hp.FA3_HOPPER, hp.FA3_COMMUNITY):
+        assert f"{source.label}: ConnectionError: http://127.0.0.1:" in why
+    assert "ConnectError" in why and "HF_HUB_OFFLINE=1" in why and "FA4 flash-attn-4: " in why
+
+
+@needs_kernels
+def test_offline_mode_skips_the_hub_and_kernels_says_what_is_missing(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("LOCAL_KERNELS", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert hp.hub_unreachable(hp.FA3_HOPPER.origin) is None
+    monkeypatch.setenv("HF_HUB_CACHE", str(hp.Path(tempfile.mkdtemp())))
+    kernel, why = hp.choose_attention(facts(LINUX_H100, attention_override="fa3"), "bf16", device="cpu")
+    assert kernel is None and "FileNotFoundError: Cannot find a local snapshot for varunneal/flash-attention-3" in why
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn-4 is installed here")
+def test_fa4_not_installed_says_how_to_install_it():
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[cuda,fa4\]'"):
+        hp.load_flash_attention(hp.FA4)
 
 
 def test_sdpa_flash_probe_and_window_cost_run_for_real_on_this_cpu():
@@ -199,6 +329,29 @@ def test_sdpa_flash_probe_and_window_cost_run_for_real_on_this_cpu():
     assert usable and "flash kernel runs here" in why
     ratio = hp.measure_window_cost("cpu", "fp32", seq_len=128, window=64, n_head=2, head_dim=32, repeats=1)
     assert math.isfinite(ratio) and ratio > 0
+
+
+# -- compile caches ----------------------------------------------------------------------------------
+
+def test_compile_caches_point_under_the_session_folder(tmp_path):
+    env = hp.compile_cache_env(tmp_path / "cache")
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "CUDA_CACHE_PATH", "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"):
+        assert hp.Path(env[name]).parent == tmp_path / "cache"
+    assert len({env[name] for name in env if name.endswith(("_DIR", "_PATH"))}) == 4  # one folder each
+    assert env["TORCHINDUCTOR_FX_GRAPH_CACHE"] == env["TORCHINDUCTOR_AUTOGRAD_CACHE"] == "1"
+    assert hp.compile_cache_env(hp.Path("relative")) == hp.compile_cache_env(hp.Path.cwd() / "relative")
+
+
+def test_torch_takes_its_caches_from_that_environment(tmp_path):
+    """In a fresh process, as the runner starts a trainer: inductor's cache folder is ours and both of
+    its caches are on. (A real compile takes 30 s cold and 15 s warm on a 2-core CPU: bench/gpu.py
+    measures the first and the cached compile on the GPU instead.)"""
+    code = ("import torch._functorch.config as aot, torch._inductor.config as inductor\n"
+            "from torch._inductor.runtime.cache_dir_utils import cache_dir\n"
+            "print(cache_dir(), inductor.fx_graph_cache, aot.enable_autograd_cache)")
+    env = {**os.environ, **hp.compile_cache_env(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(tmp_path / "inductor"), "True", "True"]
 
 
 # -- dtype -------------------------------------------------------------------------------------
@@ -240,11 +393,11 @@ def test_dtype_override():
 # -- facts from this machine -------------------------------------------------------------------
 
 def test_torch_facts_on_this_cpu():
-    found = hp.torch_facts("cpu", environ={"AUTORESEARCH_COMPILE": "1", "AUTORESEARCH_DTYPE": ""})
+    found = hp.torch_facts("cpu", environ={"AUTORESEARCH_COMPILE": "1", "AUTORESEARCH_DTYPE": "", "AUTORESEARCH_ATTENTION": "fa4"})
     caps = torch.cpu.get_capabilities()
     assert found.device_type == "cpu" and not found.is_hip and found.capability is None
     assert found.bf16_native == bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
-    assert found.compile_override == "1" and found.dtype_override is None
+    assert found.compile_override == "1" and found.dtype_override is None and found.attention_override == "fa4"
     assert found.os == "linux" and found.has_cxx == bool(shutil.which("g++") or shutil.which("c++") or shutil.which("clang++"))
 
 
@@ -380,7 +533,7 @@ def test_the_frozen_helper_imports_without_torch():
     assert out.stdout.strip() == "False"
 
 
-# -- sliding windows without FA3 -------------------------------------------------------------------
+# -- sliding windows without FlashAttention -------------------------------------------------------------------
 
 def _probe_ok() -> None:
     pass
@@ -394,13 +547,15 @@ def test_windows_use_flex_attention_only_on_a_gpu_with_compile_and_a_passing_pro
     from harness.hardware.platform import PlatformFacts, choose_window_attention
 
     gpu = PlatformFacts(device_type="cuda", device_name="NVIDIA H100 80GB HBM3", capability=(9, 0), has_triton=True)
-    assert choose_window_attention(gpu, compile_on=True, fa3_on=False, probe=_probe_ok)[0] is True
-    off, why = choose_window_attention(gpu, compile_on=True, fa3_on=True, probe=_probe_ok)
-    assert not off and "FA3" in why
-    off, why = choose_window_attention(gpu, compile_on=False, fa3_on=False, probe=_probe_ok)
+    assert choose_window_attention(gpu, compile_on=True, flash_on=False, probe=_probe_ok)[0] is True
+    off, why = choose_window_attention(gpu, compile_on=True, flash_on=True, probe=_probe_ok)
+    assert not off and "FlashAttention" in why
+    off, why = choose_window_attention(gpu, compile_on=False, flash_on=False, probe=_probe_ok)
     assert not off and "compile" in why
-    off, why = choose_window_attention(gpu, compile_on=True, fa3_on=False, probe=_probe_fails)
+    off, why = choose_window_attention(gpu, compile_on=True, flash_on=False, probe=_probe_fails)
     assert not off and "Triton could not compile" in why
     cpu = PlatformFacts(device_type="cpu")
-    off, why = choose_window_attention(cpu, compile_on=True, fa3_on=False, probe=_probe_ok)
+    off, why = choose_window_attention(cpu, compile_on=True, flash_on=False, probe=_probe_ok)
     assert not off and "no backward" in why
+    off, why = choose_window_attention(facts(gpu, attention_override="sdpa"), compile_on=True, flash_on=False, probe=unreachable)
+    assert not off and why == "AUTORESEARCH_ATTENTION=sdpa: windows use an SDPA mask"

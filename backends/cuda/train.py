@@ -68,7 +68,7 @@ class Platform:
     device: torch.device
     dtype: torch.dtype  # compute dtype: bf16 under autocast, or fp32 with autocast off
     compile: bool
-    flash_attn: Any  # a verified FA3 interface, or None for SDPA
+    flash_attn: Any  # a verified FlashKernel (FA3 or FA4, harness.hardware.platform), or None for SDPA
     flex_windows: bool  # sliding windows through compiled flex_attention instead of an SDPA mask
     device_name: str  # for MFU (harness.hardware.flops matches it against its peak table)
 
@@ -111,8 +111,8 @@ def detect_platform(requested: str) -> Platform:
     print(f"Device: {device} ({facts.device_name}{', ROCm' if facts.is_hip else ''}; {facts.host})")
     print(f"  dtype:     {'bf16 autocast' if dtype_name == 'bf16' else 'fp32'}: {dtype_why}")
     print(f"  compile:   {'on' if compile_on else 'off (eager)'}: {compile_why}")
-    print(f"  attention: {'FA3' if fa3 is not None else 'SDPA'}: {attn_why}")
-    print(f"  windows:   {'flex_attention' if flex else 'FA3' if fa3 is not None else 'SDPA mask'}: {flex_why}")
+    print(f"  attention: {fa3.name if fa3 is not None else 'SDPA'}: {attn_why}")
+    print(f"  windows:   {'flex_attention' if flex else fa3.name if fa3 is not None else 'SDPA mask'}: {flex_why}")
     return Platform(device=device, dtype=DTYPES[dtype_name], compile=compile_on, flash_attn=fa3,
                     flex_windows=flex, device_name=facts.device_name)
 
@@ -175,8 +175,9 @@ def sliding_window_block_mask(T, window, device):
 
 def attention(q, k, v, window, fa3=None, block_mask=None):
     """Causal attention on (B, T, H, D) tensors where query i sees keys [i - window, i]."""
-    if fa3 is not None:
-        return fa3.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
+    if fa3 is not None:  # a verified FlashKernel: FA3 or FA4, the same call
+        y = fa3.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
+        return y[0] if isinstance(y, tuple) else y  # FA4 also returns the log-sum-exp
     T = q.size(1)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = k.size(1) < q.size(1)

@@ -17,7 +17,8 @@ What the community ports got wrong, and what is done here instead (see reference
   halves the device batch (keeping TOTAL_BATCH_SIZE through more accumulation) and says so.
 
 Overrides: AUTORESEARCH_COMPILE=0/1 forces compile off/on (on still needs the probe to pass),
-AUTORESEARCH_DTYPE=bf16/fp32 the compute dtype.
+AUTORESEARCH_DTYPE=bf16/fp32 the compute dtype, AUTORESEARCH_ATTENTION=fa3/fa4/flex/sdpa the
+attention path (a FlashAttention kernel still has to pass its test call).
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 COMPILE_ENV = "AUTORESEARCH_COMPILE"
 DTYPE_ENV = "AUTORESEARCH_DTYPE"
 DTYPE_NAMES = {"bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32", "float32": "fp32"}
-FA3_HOPPER_REPO = "varunneal/flash-attention-3"
-FA3_COMMUNITY_REPO = "kernels-community/flash-attn3"
+ATTENTION_ENV = "AUTORESEARCH_ATTENTION"
+ATTENTION_CHOICES = ("fa3", "fa4", "flex", "sdpa")
 
 T = TypeVar("T")
 
@@ -59,6 +60,7 @@ class PlatformFacts:
     has_cxx: bool = False                     # a C++ compiler (CPU inductor backend)
     compile_override: str | None = None       # AUTORESEARCH_COMPILE
     dtype_override: str | None = None         # AUTORESEARCH_DTYPE
+    attention_override: str | None = None     # AUTORESEARCH_ATTENTION
 
     @property
     def host(self) -> str:
@@ -152,46 +154,163 @@ def choose_compile(facts: PlatformFacts, probe: Callable[[], None]) -> tuple[boo
     return True, f"{where}compile probe passed in {time.perf_counter() - t0:.1f}s" + (f" ({COMPILE_ENV}=1)" if forced else "")
 
 
-def flash_attention_repo(capability: tuple[int, int] | None) -> str:
-    """The `kernels` Hub repository with an FA3 build for this GPU (Hopper has its own)."""
-    return FA3_HOPPER_REPO if capability == (9, 0) else FA3_COMMUNITY_REPO
+# -- attention kernels ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FlashSource:
+    """Where one FlashAttention kernel comes from: a `kernels` Hub repository at a pinned commit
+    (FA3), or a package from the index (FA4, which compiles its kernels itself: no Hub)."""
+
+    kernel: str                 # "FA3" or "FA4"
+    origin: str                 # the Hub repository, or the PyPI package
+    revision: str | None = None  # the Hub commit every run loads (Hub kernels only)
+
+    @property
+    def label(self) -> str:
+        return f"{self.kernel} {self.origin}" + (f"@{self.revision[:7]}" if self.revision else "")
+
+
+# Pinned so that every run loads the same binary. `kernels` >= 0.15 refuses a call with neither a
+# version nor a revision. Both commits are the ones other autoresearch/nanochat runs pin; they were
+# not fetched from here (no Hub access), so the first GPU run is what confirms them.
+# varunneal's is upstream's Hopper build (upstream's H100 figures came from it); it is not from a
+# publisher `kernels` trusts, hence trust_remote_code naming it (see load_flash_attention).
+FA3_HOPPER = FlashSource("FA3", "varunneal/flash-attention-3", "de87b9b5af06dd9984df595bef90b2eba44b181a")
+FA3_COMMUNITY = FlashSource("FA3", "kernels-community/flash-attn3", "9542c462013476380ce4b395b9ddc0e8118161ee")
+FA4 = FlashSource("FA4", "flash-attn-4")  # flash_attn.cute.flash_attn_func, read from 4.0.0b36
+
+
+@dataclass(frozen=True)
+class FlashKernel:
+    """A loaded FlashAttention kernel behind FA3's call, which FA4 shares:
+    `flash_attn_func(q, k, v, causal=True, window_size=(window, 0))` on (B, T, H, D) tensors, keys
+    [i - window, i] visible to query i. It may also return the log-sum-exp (a tuple)."""
+
+    source: FlashSource
+    flash_attn_func: Callable[..., Any]
+
+    @property
+    def name(self) -> str:
+        return self.source.kernel
+
+
+def flash_attention_candidates(facts: PlatformFacts, dtype: str) -> tuple[tuple[FlashSource, ...], str]:
+    """(the FlashAttention kernels worth trying here, best first; why). Empty, with the reason, where
+    none can work: the trainer then uses SDPA, with windows through compiled flex_attention or a mask
+    (`choose_window_attention`). Pure: nothing is loaded or run."""
+    override = facts.attention_override or None
+    if override is not None and override not in ATTENTION_CHOICES:
+        raise ValueError(f"{ATTENTION_ENV}={override!r} is not understood: use one of {', '.join(ATTENTION_CHOICES)}")
+    if override in ("flex", "sdpa"):
+        return (), f"{ATTENTION_ENV}={override}"
+    if facts.device_type != "cuda":
+        return (), f"device is {facts.device_type}; FlashAttention kernels are CUDA-only"
+    if facts.is_hip:
+        return (), "ROCm build (torch.version.hip): FA3/FA4 are CUDA-only; SDPA uses AOTriton/CK flash kernels"
+    if dtype != "bf16":
+        return (), "training in fp32; FlashAttention needs bf16"
+    if facts.capability is None:
+        return (), "compute capability unknown: no FlashAttention kernel can be chosen"
+    major, minor = facts.capability
+    if major < 8:
+        return (), f"compute capability {major}.{minor} (pre-Ampere): no FlashAttention kernel exists for it"
+    # Preference by generation, from what is known; none of it is measured on this project's machines
+    # (bench/gpu.py measures each path, and one measurement may reorder a generation):
+    # - Hopper: upstream measured FA3 (varunneal's build) on an H100 at 1.65 M tokens/s, 39.8 % MFU.
+    #   FA4 has Hopper kernels too, but its published gains are on Blackwell: third, after FA3's
+    #   community build.
+    # - Blackwell: FA4 is written for it (sm_100/sm_110 and sm_120 kernels); no FA3 build targets
+    #   sm_100, and on sm_120 FA3 loads and then fails its first call (nanochat #820).
+    # - Ampere/Ada: FA3's community build (sm_80, also what upstream picks off Hopper); FA4 runs its
+    #   forward there but its backward asserts sm_90 or newer, so it cannot train.
+    if major == 8:
+        order, why_order = (FA3_COMMUNITY,), f"sm_{major}{minor} (Ampere/Ada): FA3's community build; FA4 has no backward before sm_90"
+    elif major == 9:
+        order, why_order = (FA3_HOPPER, FA3_COMMUNITY, FA4), "Hopper: FA3 first (upstream's measured H100 path), then FA4"
+    else:
+        order, why_order = (FA4,), f"sm_{major}{minor} (Blackwell or newer): FA4 targets it; FA3 has no kernel that runs there"
+    if override == "fa3":
+        order = tuple(s for s in order if s.kernel == "FA3") or (FA3_COMMUNITY,)
+        why_order = f"{ATTENTION_ENV}=fa3"
+    elif override == "fa4":
+        order, why_order = (FA4,), f"{ATTENTION_ENV}=fa4"
+    return order, why_order + " (order unmeasured here)"
+
+
+def hub_unreachable(repo: str) -> str | None:
+    """Why the Hugging Face Hub cannot serve `repo` now, or None. A repository named in
+    LOCAL_KERNELS, or HF_HUB_OFFLINE=1 (the local cache only), needs no Hub. One request without
+    retries: huggingface_hub's own retries take ~25 s to give up when the Hub is unreachable,
+    start-up time every experiment would pay."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    local = os.environ.get("LOCAL_KERNELS", "")
+    if constants.HF_HUB_OFFLINE or any(entry.split("=", 1)[0] == repo for entry in local.split(":")):
+        return None
+    try:
+        get_session().head(constants.ENDPOINT, timeout=5)
+    except Exception as exc:  # any transport failure: DNS, refused, timeout, proxy
+        return f"{constants.ENDPOINT} unreachable ({why(exc)}); HF_HUB_OFFLINE=1 uses the local cache"
+    return None
+
+
+def load_flash_attention(source: FlashSource) -> FlashKernel:
+    """Load one kernel; raises, with the cause, where it cannot be had."""
+    if source.kernel == "FA4":
+        try:
+            from flash_attn.cute import flash_attn_func
+        except ImportError as exc:
+            raise ImportError(f"flash-attn-4 not importable ({why(exc)}): pip install -e '.[cuda,fa4]'") from exc
+        import torch
+
+        # CuTeDSL compiles FA4's kernels itself; torch.compile must not trace into them, so each call
+        # is a graph break (its cost is unmeasured; a custom op would avoid it).
+        return FlashKernel(source, torch.compiler.disable(flash_attn_func))
+    try:
+        from kernels import get_kernel
+    except ImportError as exc:
+        raise ImportError("the `kernels` package is not installed: pip install -e '.[cuda]'") from exc
+    unreachable = hub_unreachable(source.origin)
+    if unreachable:
+        raise ConnectionError(unreachable)
+    # The signature of kernels 0.17: a revision (or version) is required, and trust_remote_code
+    # names the repositories to load from publishers kernels does not trust.
+    module = get_kernel(source.origin, revision=source.revision, trust_remote_code=[source.origin])
+    return FlashKernel(source, module.flash_attn_interface.flash_attn_func)
 
 
 def choose_attention(facts: PlatformFacts, dtype: str, device: str = "cuda",
-                     get_kernel: Callable[[str], Any] | None = None) -> tuple[Any, str]:
-    """(a verified Flash Attention 3 interface, or None for SDPA; reason). FA3 only on NVIDIA CUDA
-    (not HIP), in bf16, on Ampere or newer, and only after one real call agrees with SDPA."""
-    if facts.device_type != "cuda":
-        return None, f"device is {facts.device_type}; FA3 kernels are CUDA-only"
-    if facts.is_hip:
-        return None, "ROCm build (torch.version.hip): FA3 kernels are CUDA-only; SDPA uses AOTriton/CK flash kernels"
-    if dtype != "bf16":
-        return None, "training in fp32; FA3 needs bf16"
-    if facts.capability is not None and facts.capability < (8, 0):
-        major, minor = facts.capability
-        return None, f"compute capability {major}.{minor} (pre-Ampere): no FA3 kernel exists for it"
-    if get_kernel is None:
+                     load: Callable[[FlashSource], FlashKernel] = load_flash_attention) -> tuple[FlashKernel | None, str]:
+    """(the first candidate kernel that loads and then agrees with SDPA, forward and backward, on one
+    real call; or None for SDPA; reason). Every kernel that failed is named in the reason with its
+    cause, so a fall-back is never silent."""
+    sources, order = flash_attention_candidates(facts, dtype)
+    failures: list[str] = []
+    for source in sources:
         try:
-            from kernels import get_kernel
-        except ImportError:
-            return None, "the `kernels` package is not installed (pip install kernels)"
-    repo = flash_attention_repo(facts.capability)
-    try:
-        fa3 = get_kernel(repo).flash_attn_interface
-        verify_flash_attention(fa3, device)
-    except Exception as exc:  # no Hub, no kernel for this GPU, or a kernel that fails its first call
-        return None, f"{repo} unusable here ({why(exc)})"
-    return fa3, f"{repo}, verified by a test call on this GPU"
+            kernel = load(source)
+            verify_flash_attention(kernel, device)
+        except Exception as exc:  # no Hub, not installed, no build for this GPU, or a failing first call
+            failures.append(f"{source.label}: {why(exc)}")
+            continue
+        passed = f"{source.label}, verified by a test call on this GPU; {order}"
+        return kernel, passed + (f"; unusable before it: {'; '.join(failures)}" if failures else "")
+    if not sources:
+        return None, order
+    return None, f"no FlashAttention kernel usable here ({'; '.join(failures)}); SDPA"
 
 
-def choose_window_attention(facts: PlatformFacts, compile_on: bool, fa3_on: bool,
+def choose_window_attention(facts: PlatformFacts, compile_on: bool, flash_on: bool,
                             probe: Callable[[], None]) -> tuple[bool, str]:
-    """(sliding windows through compiled flex_attention?, reason). Without FA3, SDPA can only do a
-    window with a dense mask, which also rules out its flash kernel; flex_attention's block mask
-    skips the blocks outside the window, but it needs a GPU for its backward and is fast only
+    """(sliding windows through compiled flex_attention?, reason). Without FlashAttention, SDPA can
+    only do a window with a dense mask, which also rules out its flash kernel; flex_attention's block
+    mask skips the blocks outside the window, but it needs a GPU for its backward and is fast only
     compiled. One real compiled call, checked against the dense mask, decides."""
-    if fa3_on:
-        return False, "FA3 does sliding windows natively"
+    if flash_on:
+        return False, "FlashAttention does sliding windows natively"
+    if facts.attention_override == "sdpa":
+        return False, f"{ATTENTION_ENV}=sdpa: windows use an SDPA mask"
     if facts.device_type != "cuda":
         return False, f"device {facts.device_type}: flex_attention has no backward here; windows use an SDPA mask"
     if not compile_on:
@@ -234,25 +353,61 @@ def probe_flex_windows(device: str, dtype: str = "bf16") -> None:
             raise RuntimeError(f"flex_attention {name} disagrees with the dense-mask reference (relative error {error:.2e})")
 
 
-def verify_flash_attention(fa3: Any, device: str = "cuda") -> None:
-    """One real call on small tensors, checked against SDPA with a sliding window. Consumer
-    Blackwell (sm_120) loads the kernel and then fails at the first call; this catches that (and a
-    kernel with other window semantics) before training."""
+def verify_flash_attention(kernel: FlashKernel, device: str = "cuda") -> None:
+    """One real call, forward and backward, at the model's head size, checked against SDPA with the
+    same sliding window (computed in fp32). Consumer Blackwell (sm_120) loads FA3 and then fails at
+    its first call, FA4's backward refuses GPUs before sm_90; this catches those (and a kernel with
+    other window semantics) before training. Raises on any failure or disagreement."""
     import torch
     import torch.nn.functional as F
 
+    T, window = 128, 16  # a small window: a key too many or too few changes each output by ~1/17
     g = torch.Generator(device="cpu").manual_seed(0)
-    q, k, v = (torch.randn(2, 64, 2, 32, generator=g).to(device, torch.bfloat16) for _ in range(3))
-    window = 16
-    out = fa3.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
-    out = out[0] if isinstance(out, tuple) else out  # some builds also return the log-sum-exp
-    i = torch.arange(64, device=q.device)
+    base = [torch.randn(2, T, 2, 128, generator=g).to(device, torch.bfloat16) for _ in range(3)]
+    i = torch.arange(T, device=base[0].device)
     d = i[:, None] - i[None, :]
-    mask = (d >= 0) & (d <= window)  # keys [i - window, i], FA3's window_size=(window, 0)
-    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-    ref = ref.transpose(1, 2)
-    if out.shape != ref.shape or not torch.allclose(out.float(), ref.float(), atol=3e-2, rtol=3e-2):
-        raise RuntimeError("flash_attn_func disagrees with SDPA on a sliding-window test")
+    mask = (d >= 0) & (d <= window)  # keys [i - window, i]: FlashAttention's window_size=(window, 0)
+
+    def run(attend, dtype):
+        q, k, v = (t.detach().to(dtype).requires_grad_(True) for t in base)  # fresh leaves each run
+        out = attend(q, k, v)
+        out = out[0] if isinstance(out, tuple) else out  # FA4 (and some FA3 builds) add the log-sum-exp
+        out.float().square().sum().backward()
+        return [out.detach().float()] + [t.grad.float() for t in (q, k, v)]
+
+    got = run(lambda q, k, v: kernel.flash_attn_func(q, k, v, causal=True, window_size=(window, 0)), torch.bfloat16)
+    ref = run(lambda q, k, v: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                             attn_mask=mask).transpose(1, 2), torch.float32)
+    if got[0].shape != ref[0].shape:
+        raise RuntimeError(f"flash_attn_func returned shape {tuple(got[0].shape)}, expected {tuple(ref[0].shape)}")
+    if not torch.allclose(got[0], ref[0], atol=3e-2, rtol=3e-2):
+        raise RuntimeError("flash_attn_func disagrees with SDPA on a sliding-window test (forward)")
+    for name, a, b in zip(("dq", "dk", "dv"), got[1:], ref[1:]):
+        error = ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+        if not error <= 3e-2:
+            raise RuntimeError(f"flash_attn_func's backward disagrees with SDPA ({name} relative error {error:.1e})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile caches
+# ---------------------------------------------------------------------------------------------
+
+def compile_cache_env(cache_root: Path) -> dict[str, str]:
+    """The environment that keeps every compiler cache of a run in one folder under `cache_root` (a
+    session's cache folder), so that the next experiment with an unchanged model shape loads its
+    kernels instead of compiling them again: TorchInductor's FX-graph and AOT-autograd caches (both
+    live in its cache folder; forced on, as their defaults differ between torch versions), Triton's
+    kernels, the CUDA driver's PTX JIT cache, and FlashAttention-4's CuTeDSL kernels."""
+    root = Path(cache_root).expanduser().absolute()
+    return {
+        "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"),
+        "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
+        "TORCHINDUCTOR_AUTOGRAD_CACHE": "1",
+        "TRITON_CACHE_DIR": str(root / "triton"),
+        "CUDA_CACHE_PATH": str(root / "cuda-jit"),
+        "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED": "1",
+        "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR": str(root / "flash-attn-cute"),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,6 +610,7 @@ def torch_facts(device: str, environ: Mapping[str, str] | None = None) -> Platfo
         gfx_arch=gfx_arch, chip=chip, bf16_native=bool(bf16),
         has_triton=has_triton() if dev.type == "cuda" else False, has_cxx=has_cxx(os_name),
         compile_override=env.get(COMPILE_ENV) or None, dtype_override=env.get(DTYPE_ENV) or None,
+        attention_override=env.get(ATTENTION_ENV) or None,
     )
 
 
