@@ -115,6 +115,10 @@ def measure(path: str, timeout: float, meter: EnergyMeter | None, logs: Path) ->
         cold = run_once(path, Path(cache), logs / f"{path}-cold.log", timeout, meter)
         where, name = USED[path]
         used = cold.platform.get(where, "")
+        if cold.platform and f"{ATTENTION_ENV}={path}" not in cold.platform.get("attention", ""):
+            why = (f"{ATTENTION_ENV} did not reach the trainer (does the runner pass it through?); "
+                   f"it ran: {cold.platform.get('attention')}")
+            return {"path": path, "available": False, "why": why, "cold": asdict(cold)}
         if cold.status == "ok" and not used.startswith(name):
             return {"path": path, "available": False, "why": cold.platform.get("attention", used), "cold": asdict(cold)}
         cached = run_once(path, Path(cache), logs / f"{path}-cached.log", timeout, meter) if cold.status == "ok" else None

@@ -298,7 +298,7 @@ def choose_attention(facts: PlatformFacts, dtype: str, device: str = "cuda",
         return kernel, passed + (f"; unusable before it: {'; '.join(failures)}" if failures else "")
     if not sources:
         return None, order
-    return None, f"no FlashAttention kernel usable here ({'; '.join(failures)}); SDPA"
+    return None, f"{order}; none usable here, so SDPA: {'; '.join(failures)}"
 
 
 def choose_window_attention(facts: PlatformFacts, compile_on: bool, flash_on: bool,
