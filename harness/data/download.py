@@ -6,17 +6,26 @@ next attempt asks for the rest with an HTTP `Range` header (a server that ignore
 with exponential back-off; a 404 is not. A file is validated before it is renamed into place, so
 `dest` only ever exists complete: a corrupt download is deleted and fetched again, an existing
 valid file is never requested, an existing corrupt one is replaced.
+
+Processes share the cache: each file is fetched under an exclusive lock on `<dest>.lock`, so a
+second process waits for the first and then finds the file complete instead of appending to the
+same `.tmp`. A `token` is sent as `Authorization: Bearer` to the server asked, never to the
+address it redirects to (a CDN's signed URL refuses a second credential). `offline` uses the
+files present and requests nothing.
 """
 
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 from urllib.error import HTTPError
 from urllib.request import Request, urlopen
 
@@ -36,6 +45,13 @@ MISSING_HINT = (
 INVALID_HINT = (
     "The server sent something that is not the expected file (a proxy or mirror may answer with an "
     "error page). Check HF_ENDPOINT and your network. " + OFFLINE_HINT
+)
+AUTH_HINT = (
+    "The server refused access: for a gated or private dataset, set HF_TOKEN to a token that may "
+    "read it (or log in with `hf auth login`). " + OFFLINE_HINT
+)
+OFFLINE_MODE_HINT = (
+    "HF_HUB_OFFLINE is set, so nothing is downloaded: unset it to fetch the missing file(s). " + OFFLINE_HINT
 )
 
 
@@ -79,6 +95,100 @@ class DownloadJob(NamedTuple):
     url: str
     dest: Path
     validate: Validator | None = validate_parquet  # raises on an invalid file
+
+
+if os.name == "nt":
+    import msvcrt
+
+    def _try_lock(handle: Any) -> bool:
+        try:
+            handle.seek(0)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+
+    def _wait_lock(handle: Any) -> None:
+        while not _try_lock(handle):
+            time.sleep(0.2)
+
+    def _unlock(handle: Any) -> None:
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+else:
+    import fcntl
+
+    def _try_lock(handle: Any) -> bool:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    def _wait_lock(handle: Any) -> None:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+
+    def _unlock(handle: Any) -> None:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+@contextmanager
+def exclusive_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on `path` across processes (released when the process dies);
+    `on_wait` is called once when another holder makes this one wait. The lock file stays:
+    deleting it would let a third process lock a new file while the second holds the old one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        if not _try_lock(handle):
+            if on_wait is not None:
+                on_wait()
+            _wait_lock(handle)
+        try:
+            yield
+        finally:
+            _unlock(handle)
+
+
+def _request(url: str, headers: dict[str, str], token: str | None) -> Request:
+    try:
+        request = Request(url, headers=headers)
+    except ValueError as exc:  # e.g. HF_ENDPOINT without http(s)://
+        raise DownloadError(url, f"not a valid URL ({exc})", NETWORK_HINT) from exc
+    if token:
+        request.add_unredirected_header("Authorization", f"Bearer {token}")
+    return request
+
+
+def _http_hint(code: int) -> str:
+    if code in (401, 403):
+        return AUTH_HINT
+    return MISSING_HINT if code in (404, 410) else NETWORK_HINT
+
+
+def fetch_json(url: str, token: str | None = None, retries: int = 5, backoff: float = 1.0,
+               timeout: float = 30.0) -> Any:
+    """GET a JSON document, retried as downloads are; DownloadError when it cannot be had."""
+    last = "no attempt was made"
+    for attempt in range(retries):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))
+        try:
+            with _network(lambda: urlopen(_request(url, {"User-Agent": USER_AGENT}, token), timeout=timeout)) as answer:
+                body = _network(answer.read)
+        except HTTPError as exc:
+            exc.close()
+            if exc.code >= 500 or exc.code in RETRIED_STATUS:
+                last = f"HTTP {exc.code} {exc.reason}"
+                continue
+            raise DownloadError(url, f"HTTP {exc.code} {exc.reason}", _http_hint(exc.code)) from exc
+        except _Retry as exc:
+            last = str(exc)
+            continue
+        try:
+            return json.loads(body)
+        except ValueError as exc:
+            raise DownloadError(url, f"the answer is not JSON ({exc})", INVALID_HINT) from exc
+    raise DownloadError(url, f"{last} (gave up after {retries} attempts)", NETWORK_HINT)
 
 
 class _Retry(Exception):
@@ -135,7 +245,11 @@ class _Tracker:
 
     def start(self, key: int, name: str) -> None:
         with self._lock:
-            if self._bar is not None:
+            if self._bar is None:
+                return
+            if key in self._tasks:  # e.g. it waited for another process, and now downloads
+                self._bar.update(self._tasks[key], description=name)
+            else:
                 self._tasks[key] = self._bar.add_task(name, total=None)
 
     def size(self, key: int, size: int | None) -> None:
@@ -178,16 +292,14 @@ def _network(call: Callable[[], object]) -> object:
         raise _Retry(f"connection failed ({type(reason).__name__}: {reason})") from exc
 
 
-def _fetch(url: str, tmp: Path, timeout: float, key: int, tracker: _Tracker, stop: threading.Event) -> None:
+def _fetch(url: str, tmp: Path, timeout: float, key: int, tracker: _Tracker, stop: threading.Event,
+           token: str | None) -> None:
     """One attempt: fetch `url` into `tmp`, resuming from what `tmp` already holds."""
     offset = tmp.stat().st_size if tmp.exists() else 0
     headers = {"User-Agent": USER_AGENT}
     if offset:
-        headers["Range"] = f"bytes={offset}-"
-    try:
-        request = Request(url, headers=headers)
-    except ValueError as exc:  # e.g. HF_ENDPOINT without http(s)://
-        raise DownloadError(url, f"not a valid URL ({exc})", NETWORK_HINT) from exc
+        headers["Range"] = f"bytes={offset}-"  # kept on a redirect: the CDN serves the range
+    request = _request(url, headers, token)
     try:
         response = _network(lambda: urlopen(request, timeout=timeout))
     except HTTPError as exc:
@@ -234,15 +346,27 @@ def _is_valid(validate: Validator | None, path: Path) -> bool:
 
 
 def _download_one(key: int, job: DownloadJob, retries: int, backoff: float, timeout: float,
-                  tracker: _Tracker, stop: threading.Event) -> Path:
+                  tracker: _Tracker, stop: threading.Event, token: str | None, offline: bool) -> Path:
     dest = Path(job.dest)
     if stop.is_set():
         raise _Cancelled()
+    lock = dest.with_name(dest.name + ".lock")
+    with exclusive_lock(lock, on_wait=lambda: tracker.start(key, f"{dest.name} (waiting for another process)")):
+        return _download_locked(key, job, dest, retries, backoff, timeout, tracker, stop, token, offline)
+
+
+def _download_locked(key: int, job: DownloadJob, dest: Path, retries: int, backoff: float, timeout: float,
+                     tracker: _Tracker, stop: threading.Event, token: str | None, offline: bool) -> Path:
     if dest.exists():
         if _is_valid(job.validate, dest):
             tracker.finish(key, dest.stat().st_size)
             return dest
+        if offline:
+            raise DownloadError(job.url, f"{dest} is corrupt and HF_HUB_OFFLINE forbids fetching it again",
+                                OFFLINE_MODE_HINT)
         dest.unlink()  # corrupt or truncated by something else: fetch it again
+    elif offline:
+        raise DownloadError(job.url, f"{dest.name} is not in the cache ({dest.parent})", OFFLINE_MODE_HINT)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".tmp")
     tracker.start(key, dest.name)
@@ -251,13 +375,13 @@ def _download_one(key: int, job: DownloadJob, retries: int, backoff: float, time
         if attempt and stop.wait(backoff * 2 ** (attempt - 1)):
             raise _Cancelled()
         try:
-            _fetch(job.url, tmp, timeout, key, tracker, stop)
+            _fetch(job.url, tmp, timeout, key, tracker, stop, token)
         except HTTPError as exc:
             status = f"HTTP {exc.code} {exc.reason}"
             if exc.code >= 500 or exc.code in RETRIED_STATUS:
                 last = status
                 continue
-            raise DownloadError(job.url, status, MISSING_HINT if exc.code in (404, 410) else NETWORK_HINT) from exc
+            raise DownloadError(job.url, status, _http_hint(exc.code)) from exc
         except _Retry as exc:
             last = str(exc)
             continue
@@ -277,13 +401,15 @@ def _download_one(key: int, job: DownloadJob, retries: int, backoff: float, time
 
 
 def download_files(jobs: Iterable[DownloadJob | Sequence], workers: int = 8, retries: int = 5,
-                   backoff: float = 1.0, timeout: float = 30.0, progress: bool = True) -> list[Path]:
+                   backoff: float = 1.0, timeout: float = 30.0, progress: bool = True,
+                   token: str | None = None, offline: bool = False) -> list[Path]:
     """Fetch every `(url, dest, validate)` job on up to `workers` threads; returns the dests.
 
     `retries` is the number of attempts per file in all; attempt n+1 waits `backoff * 2**(n-1)`
     seconds. `validate(path)` raises on an invalid file (default: a parquet file with a `text`
     column and at least one row; None accepts anything). When a file fails for good the others
     stop early (their partial files are kept for the next call) and `DownloadError` is raised.
+    `token` authenticates to the server asked; `offline` only accepts files already present.
     """
     if retries < 1:
         raise ValueError(f"retries must be at least 1, got {retries}")
@@ -291,7 +417,7 @@ def download_files(jobs: Iterable[DownloadJob | Sequence], workers: int = 8, ret
     stop = threading.Event()
     with _Tracker(progress, len(jobs)) as tracker, \
             ThreadPoolExecutor(max_workers=max(1, min(workers, len(jobs) or 1))) as pool:
-        futures = [pool.submit(_download_one, i, job, retries, backoff, timeout, tracker, stop)
+        futures = [pool.submit(_download_one, i, job, retries, backoff, timeout, tracker, stop, token, offline)
                    for i, job in enumerate(jobs)]
         for future in futures:
             future.add_done_callback(lambda f: f.exception() and stop.set())

@@ -16,7 +16,13 @@ Sources (the validation file is pinned for each, so a score always means the sam
                 `local:PATH::NAME` names it. Other files are converted once to parquet in the cache.
 - `builtin`     the offline corpus of `harness.data.corpus` (stdlib docstrings + pydoc topics).
 
-Remote files come from `$HF_ENDPOINT` (default https://huggingface.co), so a mirror works.
+Remote files come from `$HF_ENDPOINT` (default https://huggingface.co), so a mirror works, at one
+commit of the dataset repository: the source's `revision` when it names one, else the commit `main`
+points to at the first download, asked of the Hub API once and recorded in the source's cache
+folder (`revision.json`), so every later shard, and a validation shard fetched again, come from
+that same commit. The Hugging Face conventions hold: `HF_TOKEN` (else the token `hf auth login`
+saved) is sent, and `HF_HUB_OFFLINE=1` uses the cache only. Concurrent setups of one source take
+turns (a lock beside its cache folder): the second waits, then reuses what the first fetched.
 """
 
 from __future__ import annotations
@@ -28,8 +34,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import quote
 
-from harness.data.download import DownloadJob, InvalidFile, download_files, validate_parquet
+from harness.data.download import (DownloadError, DownloadJob, InvalidFile, download_files, exclusive_lock,
+                                   fetch_json, validate_parquet)
 from harness.files import atomic_write_text
 from harness.paths import cache_dir
 
@@ -37,6 +45,8 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 LOCAL_PREFIX = "local:"
 LOCAL_SUFFIXES = (".parquet", ".jsonl", ".txt")
 CONVERTED_MANIFEST = "converted.json"
+REVISION_FILE = "revision.json"
+TRUE_VALUES = {"1", "ON", "YES", "TRUE"}  # as huggingface_hub reads HF_HUB_OFFLINE
 WRITE_BATCH = 1024  # documents per parquet row group when converting
 
 
@@ -48,6 +58,7 @@ class DataSplit:
     directory: Path
     train_files: list[Path]
     val_file: Path
+    revision: str | None = None  # the dataset commit of a Hub source (None: not from the Hub)
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,7 @@ class ShardedHubSource:
     max_shard: int  # the last shard's index; it is the validation shard
     default_shards: int = 10
     pattern: str = "shard_{:05d}.parquet"
+    revision: str | None = None  # a commit of the dataset; None: `main`'s at the first download
 
     def train_names(self, num_shards: int | None) -> list[str]:
         count = self.default_shards if num_shards is None else num_shards
@@ -78,6 +90,7 @@ class SingleFileHubSource:
     filename: str
     val_rows: int = 10_000
     rows_per_shard: int = 250_000
+    revision: str | None = None  # as ShardedHubSource.revision
 
 
 HUB_SOURCES: dict[str, ShardedHubSource | SingleFileHubSource] = {
@@ -95,10 +108,69 @@ SOURCES: dict[str, str] = {
 }
 
 
-def hub_url(repo: str, filename: str) -> str:
-    """Download address of a dataset file, honouring `HF_ENDPOINT` (read at call time)."""
-    endpoint = os.environ.get("HF_ENDPOINT", "").strip() or DEFAULT_ENDPOINT
-    return f"{endpoint.rstrip('/')}/datasets/{repo}/resolve/main/{filename}"
+def hub_endpoint() -> str:
+    """`HF_ENDPOINT` (read at call time: a mirror), else huggingface.co."""
+    return (os.environ.get("HF_ENDPOINT", "").strip() or DEFAULT_ENDPOINT).rstrip("/")
+
+
+def hub_url(repo: str, filename: str, revision: str = "main") -> str:
+    """Download address of a dataset file at `revision` (a commit, or a branch such as main)."""
+    return f"{hub_endpoint()}/datasets/{repo}/resolve/{quote(revision, safe='')}/{filename}"
+
+
+def hub_token() -> str | None:
+    """The Hugging Face token as huggingface_hub finds it: `HF_TOKEN` (or the older
+    `HUGGING_FACE_HUB_TOKEN`), else the file `hf auth login` writes (`HF_TOKEN_PATH`, else
+    `$HF_HOME/token`, else ~/.cache/huggingface/token)."""
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            return value
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "huggingface")
+    path = Path(os.environ.get("HF_TOKEN_PATH") or os.path.join(home, "token")).expanduser()
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def hub_offline() -> bool:
+    """`HF_HUB_OFFLINE` is set to a true value: use the cache, request nothing."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in TRUE_VALUES
+
+
+def hub_revision(repo: str, directory: Path, pinned: str | None, offline: bool, token: str | None,
+                 progress: bool) -> str:
+    """The commit to download `repo` at: `pinned`, else the one recorded in `directory`, else
+    the commit `main` points to now (asked of the Hub API, then recorded). A server without the
+    API (some mirrors) leaves `main`, unpinned, and says so."""
+    if pinned:
+        return pinned
+    record = directory / REVISION_FILE
+    try:
+        saved = json.loads(record.read_text())
+        if saved.get("repo") == repo and saved.get("revision"):
+            return str(saved["revision"])
+    except (OSError, ValueError, AttributeError):
+        pass
+    if offline:
+        return "main"  # nothing will be requested: only files already in the cache are used
+    api = f"{hub_endpoint()}/api/datasets/{repo}/revision/main"
+    try:
+        answer = fetch_json(api, token=token)
+    except DownloadError as exc:
+        if not exc.reason.startswith("HTTP 4"):
+            raise  # the network is down or the server fails: the downloads would fail too
+        _say(progress, f"data: warning: could not look up the commit of {repo}'s main branch ({exc.reason} "
+                       f"from {api}); downloading from main, not pinned")
+        return "main"
+    sha = answer.get("sha") if isinstance(answer, dict) else None
+    if not isinstance(sha, str) or not sha:
+        raise DownloadError(api, "the answer names no commit (no \"sha\")", "Check HF_ENDPOINT.")
+    _write_json(record, {"repo": repo, "revision": sha, "resolved_from": "main"})
+    _say(progress, f"data: {repo} pinned to commit {sha} (recorded in {record})")
+    return sha
 
 
 def _unknown_source(source: str) -> ValueError:
@@ -126,18 +198,22 @@ def prepare_data(source: str, num_shards: int | None = None, workers: int = 8,
     if num_shards is not None and num_shards != -1 and num_shards < 1:
         raise ValueError(f"num_shards must be a positive number of shards or -1 for all, got {num_shards}")
     directory = source_directory(source, cache)
-    if source == "builtin":
-        split = _prepare_builtin(directory, progress)
-    elif source.startswith(LOCAL_PREFIX):
-        split = _prepare_local(source, directory, progress)
-    else:
-        spec = HUB_SOURCES[source]
-        if isinstance(spec, ShardedHubSource):
-            split = _prepare_sharded(source, spec, directory, num_shards, workers, progress)
+    lock = directory.with_name(directory.name + ".lock")
+    with exclusive_lock(lock, on_wait=lambda: _say(progress, f"data: waiting for another process that "
+                                                             f"prepares {source} (it holds {lock})")):
+        if source == "builtin":
+            split = _prepare_builtin(directory, progress)
+        elif source.startswith(LOCAL_PREFIX):
+            split = _prepare_local(source, directory, progress)
         else:
-            split = _prepare_single_file(source, spec, directory, workers, progress)
+            spec = HUB_SOURCES[source]
+            if isinstance(spec, ShardedHubSource):
+                split = _prepare_sharded(source, spec, directory, num_shards, workers, progress)
+            else:
+                split = _prepare_single_file(source, spec, directory, workers, progress)
     if num_shards not in (None, -1):
-        split = DataSplit(split.source, split.directory, split.train_files[:num_shards], split.val_file)
+        split = DataSplit(split.source, split.directory, split.train_files[:num_shards], split.val_file,
+                          split.revision)
     return split
 
 
@@ -151,22 +227,32 @@ def _say(progress: bool, message: str) -> None:
 def _prepare_sharded(source: str, spec: ShardedHubSource, directory: Path, num_shards: int | None,
                      workers: int, progress: bool) -> DataSplit:
     names = [*spec.train_names(num_shards), spec.val_name]
-    jobs = [DownloadJob(hub_url(spec.repo, name), directory / name) for name in names]
-    paths = download_files(jobs, workers=workers, progress=progress)
-    return DataSplit(source, directory, paths[:-1], paths[-1])
+    offline, token = hub_offline(), hub_token()
+    if not offline and all(_valid(directory / name) for name in names):
+        offline = True  # all there: no need to ask the Hub anything
+    revision = hub_revision(spec.repo, directory, spec.revision, offline, token, progress)
+    jobs = [DownloadJob(hub_url(spec.repo, name, revision), directory / name) for name in names]
+    paths = download_files(jobs, workers=workers, progress=progress, token=token, offline=offline)
+    return DataSplit(source, directory, paths[:-1], paths[-1], revision)
 
 
 def _prepare_single_file(source: str, spec: SingleFileHubSource, directory: Path, workers: int,
                          progress: bool) -> DataSplit:
     manifest = directory / "split.json"
+    offline, token = hub_offline(), hub_token()
     try:
-        return _load_split(source, directory, manifest)
+        split = _load_split(source, directory, manifest)
+        return DataSplit(split.source, split.directory, split.train_files, split.val_file,
+                         hub_revision(spec.repo, directory, spec.revision, True, token, progress))
     except (OSError, ValueError):
         pass
     raw = directory / "download" / spec.filename
-    download_files([DownloadJob(hub_url(spec.repo, spec.filename), raw)], workers=workers, progress=progress)
+    revision = hub_revision(spec.repo, directory, spec.revision, offline or _valid(raw), token, progress)
+    download_files([DownloadJob(hub_url(spec.repo, spec.filename, revision), raw)], workers=workers,
+                   progress=progress, token=token, offline=offline)
     _say(progress, f"data: splitting {spec.filename} into validation ({spec.val_rows:,} rows) and training shards")
-    return _split_single_file(source, spec, raw, directory, manifest)
+    split = _split_single_file(source, spec, raw, directory, manifest)
+    return DataSplit(split.source, split.directory, split.train_files, split.val_file, revision)
 
 
 def _split_single_file(source: str, spec: SingleFileHubSource, raw: Path, directory: Path,
