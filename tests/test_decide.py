@@ -18,6 +18,7 @@ from loop.decide import (
     Run,
     decide,
     decide_candidate,
+    incumbent_window,
     noise_floor,
     pooled_noise,
     student_t_cdf,
@@ -162,6 +163,21 @@ def test_a_confirmation_run_that_drifted_voids_the_verdict_too():
     assert decide_candidate([first], INCUMBENT, NOISE).needs_confirmation
     drifted = decide_candidate([first, Run(2.33, speed=150.0)], INCUMBENT, NOISE)
     assert drifted.verdict == "void" and drifted.needs_rerun
+
+
+def test_the_candidate_is_compared_with_incumbent_runs_from_a_machine_like_its_own():
+    history = [Run(2.40, 100.0), Run(2.41, 101.0), Run(2.25, 140.0), Run(2.26, 139.0), Run(2.39, 99.0)]
+    # Measured at 100 GFLOP/s: the incumbent's runs at ~100, not those of the faster spell.
+    window = incumbent_window(history, speed=100.0, max_drift_percent=10)
+    assert window == [history[0], history[1], history[4]]
+    assert incumbent_window(history, speed=100.0, max_drift_percent=10, size=2) == [history[1], history[4]]
+    # The machine is fast now: only the fast spell's runs compare, and a candidate there is judged.
+    fast = incumbent_window(history, speed=141.0, max_drift_percent=10)
+    assert fast == [history[2], history[3]]
+    assert decide_candidate([Run(2.255, 141.0)], fast, NOISE).verdict == "discard"
+    # Nothing measured at today's speed: the caller re-checks the incumbent first.
+    assert incumbent_window(history, speed=60.0, max_drift_percent=10) == []
+    assert incumbent_window(history, speed=None, max_drift_percent=10, size=2) == history[-2:]
 
 
 def test_without_speed_readings_nothing_is_voided():

@@ -6,11 +6,13 @@ experiment and voids a run whose machine speed drifted from the incumbent's refe
 (`loop.decide`).
 
 The workload is fixed per device kind: chunks of float32 square matmuls of one size (small on a
-CPU, large on an accelerator, so that launch overhead does not dominate), each chunk synchronised
-and timed. The figure is the median chunk throughput in GFLOP/s over about `seconds` of work:
-robust to one hiccup, sensitive to sustained contention, and comparable between readings of the
-same framework, device and size on the same machine (never across machines). Framework code is
-imported inside the function that needs it.
+CPU, large on an accelerator, so that launch overhead does not dominate), each chunk synchronised.
+The figure is the work done over the time it took, in GFLOP/s, over about `seconds` of chunks:
+comparable between readings of the same framework, device and size on the same machine (never
+across machines). It counts stalls, as a trainer suffers them: on a 2-core machine shared with
+other jobs, the median chunk of a reading jumped between 1 and 170 GFLOP/s from one reading to the
+next, while work over time stayed within 1-10 GFLOP/s (and the trainer ran a steady third of its
+unloaded steps). Framework code is imported inside the function that needs it.
 
 `python -m harness.scoring.speed --framework torch --device cuda --json` takes one reading in a
 fresh process, so the caller never initialises a device context of its own.
@@ -22,15 +24,14 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 FRAMEWORKS = ("torch", "mlx", "numpy")
-DEFAULT_SECONDS = 0.25
-MIN_CHUNKS = 3  # a median needs a few chunks, whatever `seconds` says
+DEFAULT_SECONDS = 0.4
+MIN_CHUNKS = 3  # a few synchronisations, whatever `seconds` says
 SLOWDOWN_ENV = "AUTORESEARCH_TEST_SLOWDOWN"  # tests: the subprocess probe reads a machine this many times slower
 
 
@@ -53,7 +54,7 @@ class SpeedReading:
     framework: str
     device: str
     size: int
-    gflops: float  # median chunk throughput
+    gflops: float  # work over time, stalls included
     chunks: int
     seconds: float  # wall time of the timed chunks
 
@@ -86,18 +87,15 @@ def measure_speed(framework: str, device: str, seconds: float = DEFAULT_SECONDS,
     workload = workload_for(device)
     chunk = _CHUNK_BUILDERS[framework](device, workload)
     chunk()  # untimed: first-call allocation, kernel selection, thread-pool start
-    rates: list[float] = []
-    spent = 0.0
-    while len(rates) < MIN_CHUNKS or spent < seconds:
+    chunks, spent = 0, 0.0
+    while chunks < MIN_CHUNKS or spent < seconds:
         start = time.perf_counter()
         chunk()
-        elapsed = time.perf_counter() - start
         if slowdown > 1:
-            time.sleep(elapsed * (slowdown - 1))
-            elapsed = time.perf_counter() - start
-        spent += elapsed
-        rates.append(workload.chunk_flops / elapsed / 1e9)
-    return SpeedReading(framework, device, workload.size, statistics.median(rates), len(rates), spent)
+            time.sleep((time.perf_counter() - start) * (slowdown - 1))
+        spent += time.perf_counter() - start
+        chunks += 1
+    return SpeedReading(framework, device, workload.size, workload.chunk_flops * chunks / spent / 1e9, chunks, spent)
 
 
 def drift(reading: SpeedReading, reference: SpeedReading) -> float:
