@@ -85,10 +85,12 @@ class Noise:
 @dataclass(frozen=True)
 class Run:
     """One run of a trainer: its score (None: no score, a crash) and the machine speed read
-    before it (GFLOP/s from `harness.scoring.speed`; None when not measured)."""
+    before and after it (GFLOP/s from `harness.scoring.speed`; None when not measured). Load that
+    comes and goes within a run shows in one reading and not the other, so both are checked."""
 
     val_bpb: float | None
     speed: float | None = None
+    speed_after: float | None = None
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,7 @@ def pooled_noise(groups: Iterable[Sequence[float]]) -> Noise:
 # -- the verdict --------------------------------------------------------------------------------
 
 def reference_speed(runs: Sequence[Run]) -> float | None:
-    """The machine speed an incumbent was measured at: the median over its runs that have one."""
+    """The machine speed an incumbent was measured at: the median of its runs' readings before."""
     speeds = [r.speed for r in runs if r.speed is not None]
     return statistics.median(speeds) if speeds else None
 
@@ -215,12 +217,14 @@ def _void_reason(candidate: Sequence[Run], incumbent: Sequence[Run], max_percent
     if reference is None:
         return ""
     for run in candidate:
-        if run.speed is None:
-            continue
-        change = speed_drift(run.speed, reference)
-        if abs(change) * 100 > max_percent:
-            return (f"void: the machine ran at {run.speed:.3g} GFLOP/s, {change:+.0%} from the incumbent's "
-                    f"{reference:.3g} GFLOP/s (limit {max_percent:g} %); run it again when the machine is back")
+        for when, speed in (("before", run.speed), ("after", run.speed_after)):
+            if speed is None:
+                continue
+            change = speed_drift(speed, reference)
+            if abs(change) * 100 > max_percent:
+                return (f"void: the machine ran at {speed:.3g} GFLOP/s {when} the run, {change:+.0%} from the "
+                        f"incumbent's {reference:.3g} GFLOP/s (limit {max_percent:g} %); run it again when the "
+                        "machine is back")
     return ""
 
 

@@ -158,6 +158,14 @@ def test_a_run_on_a_machine_that_drifted_is_void_never_kept_or_discarded():
     assert steady.verdict == "discard" and not steady.needs_rerun
 
 
+def test_load_that_came_during_the_run_voids_it_through_the_reading_after():
+    during = decide_candidate([Run(2.45, speed=101.0, speed_after=60.0)], INCUMBENT, NOISE)
+    assert during.verdict == "void" and during.needs_rerun
+    assert "after the run" in during.reason and "-40%" in during.reason
+    steady = decide_candidate([Run(2.45, speed=101.0, speed_after=97.0)], INCUMBENT, NOISE)
+    assert steady.verdict == "discard"
+
+
 def test_a_confirmation_run_that_drifted_voids_the_verdict_too():
     first = Run(2.34, speed=101.0)
     assert decide_candidate([first], INCUMBENT, NOISE).needs_confirmation
