@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 RULES = ("noise", "strict")
-VERDICTS = ("keep", "discard", "crash", "void")
 DEFAULT_Z = 2.0
 DEFAULT_SCREEN_Z = 1.0
 DEFAULT_MAX_DRIFT_PERCENT = 10.0

@@ -1,8 +1,8 @@
 """How fast the machine is right now: a short, fixed matmul workload on the session's device.
 
 A fixed wall-clock budget turns machine speed into score: when another job's load ends, an
-unchanged trainer trains more steps and scores better. The ratchet reads this probe before each
-experiment and voids a run whose machine speed drifted from the incumbent's reference
+unchanged trainer trains more steps and scores better. The ratchet reads this probe before and
+after each run and voids a run whose machine speed drifted from the incumbent's reference
 (`loop.decide`).
 
 The workload is fixed per device kind: chunks of float32 square matmuls of one size (small on a
