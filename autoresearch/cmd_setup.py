@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from autoresearch.output import err, fail, info, print_json, success
+from autoresearch.progress import progress_reporter, refuse_inside_trainer
 
 BackendOpt = Annotated[Optional[str], typer.Option("--backend", help="Trainer backend: cuda, rocm, mps or mlx (default: detected).")]
 PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Hardware preset (default: detected; see `autoresearch presets`).")]
@@ -74,30 +75,53 @@ def run(
 ) -> None:
     """Run one experiment with the configured trainer and print its summary.
 
-    The trainer runs in a subprocess with its output in run.log; it is killed past --timeout.
-    Exits 1 on a crash, divergence or timeout, showing the end of the log.
+    The trainer runs in a subprocess with its output in run.log, under the budget the runner
+    holds; a separate evaluator process scores the model it exports. Exits 1 on a crash,
+    divergence, timeout or a run over budget, showing the end of the log.
     """
-    from harness.config import default_config_path, load_config
-    from harness.paths import repo_root
-    from harness.scoring.runner import run_experiment
+    import signal
 
+    from harness.config import default_config_path, load_config
+    from harness.paths import repo_root, state_dir
+    from harness.scoring.budget import format_summary
+    from harness.scoring.evalset import load_eval_pointer
+    from harness.scoring.runner import run_experiment
+    from loop.errors import SessionError
+    from loop.lock import RepoLock
+
+    refuse_inside_trainer("run")
     root = repo_root()
     config_path = default_config_path(root)
     try:
         config = load_config(config_path)
-    except FileNotFoundError:
-        fail(f"no run configuration at {config_path}", "run `autoresearch setup` first")
+        eval_set = load_eval_pointer(root)
+    except FileNotFoundError as exc:
+        fail(str(exc), "run `autoresearch setup` first")
     log_path = log if log.is_absolute() else root / log
+    try:
+        lock = RepoLock(root, "autoresearch run").acquire()  # one run (or session) at a time
+    except SessionError as exc:
+        fail(str(exc), exc.hint)
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)  # unwinds through the runner, which kills the trainer's tree
+
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), stop)
     info(f"running backends/{config.backend}/train.py ({config.preset}, {config.device}); output in {log_path}")
-    with err.status("starting...") as status:
-        outcome = run_experiment(root, config.backend, config_path, log_path, timeout=timeout,
-                                 on_progress=lambda line: status.update(line[:120] or "starting..."))
+    try:
+        with progress_reporter("starting...") as report:
+            outcome = run_experiment(root, config.backend, config_path, log_path, eval_set=eval_set,
+                                     run_dir=state_dir(root) / "runs" / "latest", timeout=timeout,
+                                     compile_cache=state_dir(root) / "compile-cache",
+                                     on_progress=report)
+    finally:
+        lock.release()
     if json_output:
         print_json({"status": outcome.status, "reason": outcome.reason, "summary": outcome.summary,
                     "seconds": round(outcome.seconds, 1), "log": str(log_path)})
     elif outcome.ok:
-        from harness.scoring.budget import format_summary
-
         print(format_summary(outcome.summary))
     if not outcome.ok:
         err.print(outcome.log_tail(20), markup=False, highlight=False)

@@ -74,7 +74,8 @@ class EvaluatorConstants:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """What `setup` chose and built; the trainer and the evaluator read it, nobody edits it."""
+    """What `setup` chose and built, as the trainer sees it: the training tokens, never the
+    evaluator's data (that lives where `harness.scoring.evalset` points). Nobody edits it."""
 
     backend: str
     device: str
@@ -85,14 +86,13 @@ class RunConfig:
     tokens_dir: str
     unigram_bpb: float
     reasons: dict[str, str] = field(default_factory=dict)
-    val_file: str = ""  # the validation parquet shard ("" in configs written before it was recorded)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":
-        data = dict(data)
+        data = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}  # older configs named more
         data["evaluator"] = EvaluatorConstants(**data["evaluator"])
         return cls(**data)
 

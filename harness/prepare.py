@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 from harness.config import EvaluatorConstants, RunConfig, default_config_path, save_config
 from harness.paths import cache_dir, trainer_path
+from harness.scoring.evalset import private_root, save_eval_pointer
+from harness.data.evalset import eval_set_directory
 
 Log = Callable[[str], None]
 
@@ -89,11 +91,14 @@ def run_setup(request: SetupRequest, log: Log = _stderr) -> RunConfig:
                          workers=request.workers)
     key = artefact_key(evaluator.DATA_SOURCE, [*split.train_files, split.val_file], evaluator.VOCAB_SIZE)
     tokenizer_dir = cache_dir() / "tokenizers" / key
-    tokens_dir = cache_dir() / "tokens" / key
+    tokens_dir = cache_dir() / "tokens" / key  # training tokens only: the trainer's configuration names it
+    private = private_root() / key  # the evaluator's: validation tokens, evaluation sets
     tokenizer = ensure_tokenizer(split.train_files, evaluator.VOCAB_SIZE, tokenizer_dir, log)
     train_tokens = ensure_tokens(split.train_files, tokenizer, tokens_dir / "train", log)
-    val_tokens = ensure_tokens([split.val_file], tokenizer, tokens_dir / "val", log)
-    unigram = baseline_bpb(train_tokens, val_tokens, tokenizer_dir, evaluator)
+    val_tokens = ensure_tokens([split.val_file], tokenizer, private / "val", log)
+    eval_set = ensure_evaluation_set(val_tokens, train_tokens, tokenizer, tokenizer_dir, evaluator,
+                                     eval_set_directory(private, evaluator), f"the validation data of {evaluator.DATA_SOURCE}", split, log)
+    unigram = eval_set.unigram_bpb["val"]
     log(f"unigram baseline: {unigram:.4f} bpb on {evaluator.EVAL_TOKENS:,} validation tokens")
 
     trainer = trainer_path(request.root, choice.backend)
@@ -103,9 +108,10 @@ def run_setup(request: SetupRequest, log: Log = _stderr) -> RunConfig:
     config = RunConfig(
         backend=choice.backend, device=choice.device, preset=preset.name, evaluator=evaluator,
         data_dir=str(split.directory), tokenizer_dir=str(tokenizer_dir), tokens_dir=str(tokens_dir),
-        unigram_bpb=unigram, reasons=dict(choice.reasons), val_file=str(split.val_file),
+        unigram_bpb=unigram, reasons=dict(choice.reasons),
     )
     save_config(config, default_config_path(request.root))
+    save_eval_pointer(request.root, eval_set.directory)
     return config
 
 
@@ -142,11 +148,21 @@ def ensure_tokens(files: list[Path], tokenizer, prefix: Path, log: Log):
     return tokens
 
 
-def baseline_bpb(train_tokens, val_tokens, tokenizer_dir: Path, evaluator: EvaluatorConstants) -> float:
-    """Unigram bpb on exactly the evaluated targets: the bar any trained model must clear."""
-    from harness.scoring.evaluate import unigram_bpb
-    from harness.data.loader import val_rows
+def ensure_evaluation_set(val_tokens, train_tokens, tokenizer, tokenizer_dir: Path, evaluator: EvaluatorConstants,
+                          directory: Path, val_name: str, split, log: Log):
+    """The evaluator's validation and holdout rows with their canaries, and their unigram baselines."""
+    from harness.data.evalset import ensure_eval_set, scored_rows, with_unigram
     from harness.data.tokenizer import load_token_bytes
+    from harness.scoring.evaluate import unigram_bpb
 
-    rows = val_rows(val_tokens, evaluator.MAX_SEQ_LEN, evaluator.eval_rows)
-    return unigram_bpb(train_tokens, rows, load_token_bytes(tokenizer_dir), evaluator.VOCAB_SIZE)
+    token_bytes = load_token_bytes(tokenizer_dir)
+    strings = [tokenizer.encoding.decode_single_token_bytes(i) if token_bytes[i] else b""
+               for i in range(len(token_bytes))]
+    source = {"val_file": str(split.val_file), "tokenizer": tokenizer.fingerprint,
+              "val_tokens": str(val_tokens.meta.get("bin_sha256", ""))}
+    eval_set = ensure_eval_set(val_tokens, strings, token_bytes, evaluator, directory, val_name, source, log)
+    if set(eval_set.unigram_bpb) != set(eval_set.streams):
+        eval_set = with_unigram(eval_set, {
+            name: unigram_bpb(train_tokens, scored_rows(eval_set, name), token_bytes, evaluator.VOCAB_SIZE)
+            for name in eval_set.streams})
+    return eval_set

@@ -79,17 +79,18 @@ def run_loop(session: Session, plan: LoopPlan, emit: Callable[[TryResult], None]
         session.recover(log, progress)
         _start_from_best(session, resumed, log)
         memory_ceiling = None if plan.agent == MUTATE else memory_ceiling_gb(session.config.run.device)
-        while (why := plan.remaining()) is None:
-            started = time.monotonic()
-            if plan.agent == MUTATE:
-                description = _propose_mutation(session, rng, mutate)
-            else:
-                description, failures = _ask_agent(session, plan, plan.done + 1, failures, memory_ceiling, log)
-            result = session.try_change(description, log, progress)
-            emit(result)
-            plan.done += 1
-            plan.seconds += time.monotonic() - started
-            write_loop_state(session.paths, asdict(plan))
+        with session.warm_evaluator(log):  # one evaluator process for the whole loop
+            while (why := plan.remaining()) is None:
+                started = time.monotonic()
+                if plan.agent == MUTATE:
+                    description = _propose_mutation(session, rng, mutate)
+                else:
+                    description, failures = _ask_agent(session, plan, plan.done + 1, failures, memory_ceiling, log)
+                result = session.try_change(description, log, progress)
+                emit(result)
+                plan.done += 1
+                plan.seconds += time.monotonic() - started
+                write_loop_state(session.paths, asdict(plan))
         plan.state = "finished"
         return why
     except KeyboardInterrupt:

@@ -51,14 +51,18 @@ import secrets
 import shutil
 import signal
 import statistics
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from harness.config import default_config_path, load_config
+from harness.scoring.context import DEVICE_ENV
 from harness.files import atomic_write_text, sha256_file
 from harness.paths import state_dir, trainer_path
-from harness.scoring.runner import RunOutcome, run_experiment
+from harness.scoring.evalset import load_eval_pointer
+from harness.scoring.evaluator_process import EvaluatorProcess
+from harness.scoring.runner import FRAMEWORK_OF, RunOutcome, run_experiment
 from loop.session import (
     Mismatch,
     SessionConfig,
@@ -69,6 +73,7 @@ from loop.session import (
     save_manifest,
     save_session_config,
     sessions_dir,
+    is_frozen_code,
     verify_manifest,
 )
 from loop.decide import DEFAULT_MIN_FLOOR, DEFAULT_Z, RULES, decide, noise_floor
@@ -84,8 +89,8 @@ from loop.journal import (
     write_loop_state,
 )
 from loop.lock import RepoLock
-from loop.orphans import MARKER_ENV, kill_orphaned_trainer
-from loop.results import ResultRow, append_row, read_rows, sanitize
+from loop.orphans import kill_orphaned_trainer
+from loop.results import ResultRow, append_row, read_rows, sanitize, without_private_columns
 
 ACTIVE_FILE = "active-session.json"
 RESULTS_NAME = "results.tsv"
@@ -196,6 +201,7 @@ class Session:
         self.config = config
         self.paths = paths
         self.git = git
+        self.evaluator: EvaluatorProcess | None = None  # a warm one while `loop` runs (`warm_evaluator`)
 
     # -- opening and starting ------------------------------------------------------------------
     @classmethod
@@ -253,6 +259,7 @@ class Session:
                                f"pick another tag, e.g. `autoresearch session start {suggestion}`")
         try:
             run = load_config(default_config_path(root))
+            eval_set = load_eval_pointer(root)
         except FileNotFoundError:
             raise SessionError("this repository is not set up", "run `autoresearch setup` first") from None
         trainer = trainer_path(root, run.backend)
@@ -269,6 +276,7 @@ class Session:
             min_floor=float(min_floor), repeats=int(repeats),
             timeout=float(timeout or default_timeout(run.evaluator.TIME_BUDGET)),
             trainer=trainer.relative_to(root).as_posix(), base_commit=base, run=run, created=now_utc(),
+            eval_set=str(eval_set),
         )
         previous_branch = git.branch() or base
         save_session_config(config, paths)
@@ -282,7 +290,8 @@ class Session:
         log(f"session {tag}: branch {branch}, {config.backend} / {config.preset}, rule {rule}, "
             f"baseline x{repeats}, timeout {config.timeout:g} s")
         try:
-            session.run_baseline(log, progress)
+            with session.warm_evaluator(log):
+                session.run_baseline(log, progress)
         except (BaselineFailed, KeyboardInterrupt):
             session._abandon(previous_branch)
             raise
@@ -344,9 +353,10 @@ class Session:
 
     @staticmethod
     def fatal(mismatches: list[Mismatch]) -> list[Mismatch]:
-        """Mismatches that stop the session: the evaluator's code (`harness/`) and everything
-        outside the working tree. Other frozen files in the tree are restored by rejecting."""
-        return [m for m in mismatches if not m.in_tree or m.path.startswith("harness/")]
+        """Mismatches that stop the session: the code that produces and judges scores
+        (`loop.session.FROZEN_CODE`) and everything outside the working tree. Other frozen files
+        in the tree are restored by rejecting."""
+        return [m for m in mismatches if not m.in_tree or is_frozen_code(m.path)]
 
     def check_frozen(self, best_commit: str, when: str = "before this experiment") -> None:
         fatal = self.fatal(self.frozen_mismatches())
@@ -360,7 +370,8 @@ class Session:
     def publish_results(self) -> None:
         """Rewrite the repository's results.tsv as a copy of the ledger."""
         if self.paths.ledger.exists():
-            atomic_write_text(self.root / RESULTS_NAME, self.paths.ledger.read_text(encoding="utf-8"))
+            text = self.paths.ledger.read_text(encoding="utf-8")
+            atomic_write_text(self.root / RESULTS_NAME, without_private_columns(text))
 
     def _row(self, **fields) -> ResultRow:
         run = self.config.run
@@ -374,17 +385,39 @@ class Session:
         return self.paths.logs / f"{number:04d}-{commit[:7] or 'nocommit'}{suffix}.log"
 
     def _run(self, log_path: Path, entry: dict, progress: Log | None) -> RunOutcome:
-        """Train once. The journal `entry` in flight carries the run's marker and gets the
-        trainer's pid the moment it starts, so recovery can stop an orphan (`loop.orphans`)."""
+        """Train once and have it scored. The journal `entry` in flight carries the run's marker
+        and gets the trainer's pid the moment it starts, so recovery can stop an orphan
+        (`loop.orphans`)."""
         def on_progress(line: str) -> None:
             _test_kill_point("training")
             if progress:
                 progress(line)
 
+        if self.evaluator is not None and not self.evaluator.alive:
+            self.evaluator = None  # it died; this run starts a fresh one of its own
         return run_experiment(self.root, self.config.backend, self.paths.run_config, log_path,
-                              timeout=self.config.timeout, extra_env={MARKER_ENV: entry["marker"]},
+                              eval_set=Path(self.config.eval_set), run_dir=self.paths.runs / log_path.stem,
+                              timeout=self.config.timeout, evaluator=self.evaluator, marker=entry["marker"],
+                              compile_cache=self.paths.directory / "compile-cache",
                               on_start=lambda pid: record_trainer(self.paths, entry, pid),
                               on_progress=on_progress)
+
+    @contextmanager
+    def warm_evaluator(self, log: Log = quiet) -> Iterator[None]:
+        """Keep one evaluator process for the experiments run inside the block (`loop`)."""
+        run = self.config.run
+        try:
+            self.evaluator = EvaluatorProcess.start(
+                self.root, Path(self.config.eval_set), os.environ.get(DEVICE_ENV) or run.device,
+                run.evaluator.EVAL_BATCH_SIZE, FRAMEWORK_OF.get(run.backend, "torch"), self.paths.logs / "evaluator.log")
+        except Exception as exc:  # noqa: BLE001 - every run then starts its own
+            log(f"could not keep an evaluator warm ({exc}); each experiment starts its own")
+        try:
+            yield
+        finally:
+            if self.evaluator is not None:
+                self.evaluator.close()
+                self.evaluator = None
 
     # -- the baseline --------------------------------------------------------------------------
     def run_baseline(self, log: Log = quiet, progress: Log | None = None) -> None:
@@ -413,7 +446,7 @@ class Session:
                 tokens_per_sec=summary.get("tokens_per_sec"), device=str(summary.get("device") or self.config.run.device),
                 best_bpb=statistics.fmean(values),
                 noise_sigma=statistics.stdev(values) if len(values) >= 2 else None,
-                trainer_sha=trainer_sha,
+                trainer_sha=trainer_sha, holdout_bpb=summary.get("holdout_bpb"),
             )
             with deferred_interrupt():
                 self._append(row)
@@ -568,8 +601,9 @@ class Session:
         failed = next((o for o in outcomes if not o.ok), None)
         if failed is not None:
             which = "the re-run " if len(outcomes) > 1 and outcomes[0].ok else ""
-            kind = "" if failed.status == "crash" else f"{failed.status}: "  # timeout, diverged
-            verdict, reason = "crash", f"{which}{kind}{failed.reason}"
+            kind = "" if failed.status in ("crash", "leak") else f"{failed.status}: "  # timeout, diverged, over budget
+            # A model that read the evaluator's data is not a crash of the code: it is refused.
+            verdict, reason = ("rejected" if failed.status == "leak" else "crash"), f"{which}{kind}{failed.reason}"
         changed_frozen = self.frozen_mismatches()
         if changed_frozen:
             verdict = "rejected"
@@ -588,6 +622,7 @@ class Session:
             tokens_per_sec=summary.get("tokens_per_sec"),
             device=str(summary.get("device") or self.config.run.device),
             best_bpb=new_best, noise_sigma=standing.sigma, reason=reason, trainer_sha=sha,
+            holdout_bpb=_mean([o.summary.get("holdout_bpb") for o in outcomes if o.summary]) if scored else None,
         )
         self._settle(candidate if verdict == "keep" else best, row)
         if changed_frozen:
@@ -629,6 +664,11 @@ class Session:
             write_loop_state(self.paths, {**plan, "state": "ended"})
         active_file(self.root).unlink(missing_ok=True)
         return status
+
+
+def _mean(values: list) -> float | None:
+    numbers = [v for v in values if isinstance(v, (int, float))]
+    return statistics.fmean(numbers) if numbers else None
 
 
 def _memory_gb(outcomes: list[RunOutcome]) -> float:

@@ -28,12 +28,15 @@ from harness.files import fsync_dir
 UPSTREAM_COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description")
 RESULT_COLUMNS = UPSTREAM_COLUMNS + (
     "timestamp", "seconds", "num_steps", "tokens_per_sec", "backend", "device", "preset",
-    "best_bpb", "noise_sigma", "reason", "trainer_sha",
+    "best_bpb", "noise_sigma", "reason", "trainer_sha", "holdout_bpb",
 )
 # keep|discard|crash are upstream's; `rejected`: the change touched a frozen file (never run);
 # `baseline`: one of the session's repeats of the unchanged trainer that measure the noise floor.
 STATUSES = ("keep", "discard", "crash", "rejected", "baseline")
 NOT_SCORED = ("crash", "rejected")  # rows whose val_bpb is the 0.000000 placeholder
+# Kept in the session's ledger, left out of the repository's copy that an agent reads: the holdout
+# is scored for every experiment and never shown to the agent.
+PRIVATE_COLUMNS = ("holdout_bpb",)
 NOISE_Z = 2.0  # the band drawn around the running best: +-NOISE_Z * noise_sigma (the default rule)
 
 _DESCRIPTION_LIMIT = 200
@@ -69,6 +72,7 @@ class ResultRow:
     noise_sigma: float | None = None
     reason: str = ""  # why a crash crashed or a rejection was rejected
     trainer_sha: str = ""
+    holdout_bpb: float | None = None  # the evaluator's score on the holdout (PRIVATE_COLUMNS)
 
     def __post_init__(self) -> None:
         self.val_bpb = float(self.val_bpb if self.val_bpb is not None else 0.0)
@@ -108,6 +112,7 @@ class ResultRow:
             "noise_sigma": _fmt(self.noise_sigma, ".6f"),
             "reason": self.reason,
             "trainer_sha": self.trainer_sha,
+            "holdout_bpb": _fmt(self.holdout_bpb, ".6f"),
         }
 
 
@@ -147,6 +152,17 @@ def append_row(path: Path, row: ResultRow) -> None:
         os.close(fd)
     if created:
         fsync_dir(path.parent)
+
+
+def without_private_columns(text: str) -> str:
+    """A results table without `PRIVATE_COLUMNS` (the repository's copy)."""
+    lines = text.split("\n")
+    header = lines[0].rstrip("\r").split("\t")
+    keep = [i for i, name in enumerate(header) if name not in PRIVATE_COLUMNS]
+    if len(keep) == len(header):
+        return text
+    return "\n".join("\t".join(cells[i] for i in keep if i < len(cells)) if line else line
+                     for line in lines for cells in [line.rstrip("\r").split("\t")])
 
 
 def _prepare_for_append(fd: int) -> tuple[str, ...]:

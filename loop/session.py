@@ -12,11 +12,14 @@ tree an agent edits, in `state_dir(root)/sessions/TAG/`:
     journal.json   the experiment in flight, if any (see loop.journal)
     logs/          one trainer log per run
 
-The manifest covers every file under `harness/` and `presets/`, `program.md`, the dependency lock
-(`pyproject.toml`, `uv.lock`), the session's own config files, the tokenizer with its token byte
-table, the validation token files the evaluator reads and the validation shard they were made from. Files that were absent when the
-session started are recorded as absent, so creating one later is a change too. Python's caches
-(`__pycache__`, `*.pyc`) and hidden files (`.DS_Store`) are not part of it.
+The manifest covers the code that produces and judges a score (`FROZEN_CODE`: the harness's
+scoring path and its shared modules, `loop/`, the CLI), the other files of the tree an experiment
+may not change (`presets/`, `program.md`, the dependency lock), the session's own config files, the
+tokenizer with its token byte table, and the evaluator's data: the evaluation set (validation and
+holdout rows with their canaries, the token byte table it scores with) and the validation shard it
+was made from. Files that were absent when the session started are recorded as absent, so creating
+one later is a change too. Python's caches (`__pycache__`, `*.pyc`) are never trusted: the runner
+deletes them before every run (`harness.scoring.runner.remove_bytecode`).
 
 Nothing here imports torch or mlx, and nothing here decides what to do about a mismatch: that is
 the ratchet's job (`loop.ratchet`).
@@ -33,10 +36,13 @@ from pathlib import Path
 from harness.config import RunConfig
 from harness.files import atomic_write_text, sha256_file
 from harness.paths import state_dir
+from harness.scoring.evalset import EVAL_SET_FILE, EvalSet
 
-MANIFEST_DIRS = ("harness", "presets")  # every file below these, relative to the repository
+# The code that produces and judges a score: a change to it stops the session.
+FROZEN_CODE = ("harness/__init__.py", "harness/config.py", "harness/files.py", "harness/paths.py",
+               "harness/processes.py", "harness/scoring", "loop", "autoresearch")
+MANIFEST_DIRS = ("harness", "presets", "loop", "autoresearch")  # every file below these, relative to the repository
 MANIFEST_FILES = ("program.md", "pyproject.toml", "uv.lock")  # recorded even when absent
-VALIDATION_TOKEN_FILES = ("val.bin", "val.idx")  # in RunConfig.tokens_dir
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,7 @@ class SessionConfig:
     base_commit: str  # the commit the session branch started from (the baseline's code)
     run: RunConfig
     created: str = ""
+    eval_set: str = ""  # the evaluator's data (harness.scoring.evalset), out of the trainer's reach
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -109,6 +116,11 @@ class SessionPaths:
     def logs(self) -> Path:
         return self.directory / "logs"
 
+    @property
+    def runs(self) -> Path:
+        """One folder per run: the trainer's facts and training curve (the artifact is deleted)."""
+        return self.directory / "runs"
+
 
 def sessions_dir(root: Path) -> Path:
     return state_dir(root) / "sessions"
@@ -151,13 +163,24 @@ def frozen_files(root: Path, config: SessionConfig, paths: SessionPaths) -> dict
     files[str(paths.run_config)] = paths.run_config
     for path in _files_under(Path(config.run.tokenizer_dir)):  # tokenizer + token byte table
         files[str(path)] = path
-    for name in VALIDATION_TOKEN_FILES:
-        path = Path(config.run.tokens_dir) / name
-        files[str(path)] = path
-    if config.run.val_file:  # the validation text itself (configs written before it was recorded lack it)
-        path = Path(config.run.val_file)
-        files[str(path)] = path
+    if config.eval_set:
+        try:
+            eval_set = EvalSet.load(Path(config.eval_set))
+        except (FileNotFoundError, ValueError):  # gone or damaged: the description itself is the mismatch
+            path = Path(config.eval_set) / EVAL_SET_FILE
+            files[str(path)] = path
+        else:
+            for path in eval_set.files():
+                files[str(path)] = path
+            if eval_set.source.get("val_file"):  # the validation text the rows were made from
+                path = Path(eval_set.source["val_file"])
+                files[str(path)] = path
     return files
+
+
+def is_frozen_code(name: str) -> bool:
+    """Whether a manifest entry (a path relative to the repository) is code that judges scores."""
+    return any(name == entry or name.startswith(entry + "/") for entry in FROZEN_CODE)
 
 
 def build_manifest(root: Path, config: SessionConfig, paths: SessionPaths) -> dict[str, str | None]:

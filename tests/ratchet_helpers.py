@@ -23,14 +23,17 @@ from loop.results import read_rows
 
 TAG = "t"
 
-# A unigram model in numpy on the real harness. LOGIT_SCALE < 1 flattens its distribution, so
-# setting it to 1.0 is a large, certain gain (far above any run-to-run noise).
+# A unigram model (counts, no gradient) exported through torch, trained on the same batches every
+# run (so identical trainers score identically). LOGIT_SCALE < 1 flattens its distribution, so
+# setting it to 1.0 is a large, certain gain.
 FAKE_TRAINER = '''\
-"""A tiny trainer on the harness contract: a smoothed unigram model in numpy."""
+"""A tiny trainer on the harness contract: a smoothed unigram model, counted, exported through torch."""
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from harness.scoring.context import load_context  # noqa: E402
@@ -41,6 +44,7 @@ from harness.scoring.context import load_context  # noqa: E402
 LOGIT_SCALE = 0.5  # 1.0 is the model's own distribution
 SMOOTHING = 1.0  # added to every count
 DEVICE_BATCH_SIZE = 4  # rows per step
+TRAIN_STEPS = 40  # counted batches (milliseconds of work); the rest of the budget idles
 SEED = 42  # this model has no randomness; a seed change is a no-op
 
 
@@ -49,17 +53,21 @@ def main() -> None:
     counts = np.full(ctx.vocab_size, SMOOTHING, dtype=np.float64)
     batches = ctx.train_batches(DEVICE_BATCH_SIZE)
     budget = ctx.budget
+    budget.untimed_steps = 1
     while not budget.done:
         budget.start_step()
-        x, y = next(batches)
-        np.add.at(counts, y.ravel(), 1)
-        budget.end_step(y.size)
-    logp = (LOGIT_SCALE * np.log(counts / counts.sum())).astype(np.float32)
+        if budget.step < TRAIN_STEPS:  # the same data every run, whatever the machine's speed
+            x, y = next(batches)
+            np.add.at(counts, y.ravel(), 1)
+        else:
+            time.sleep(0.05)
+        budget.end_step(DEVICE_BATCH_SIZE * ctx.MAX_SEQ_LEN)
+    logp = torch.tensor(LOGIT_SCALE * np.log(counts / counts.sum()), dtype=torch.float32)
 
     def forward(inputs):
-        return np.broadcast_to(logp, (*inputs.shape, logp.size)).copy()
+        return logp.expand(*inputs.shape, logp.numel()).clone()
 
-    ctx.finish(forward, framework="numpy", num_params=logp.size, flops_per_token=1.0, depth=1,
+    ctx.finish(forward, framework="torch", num_params=logp.numel(), flops_per_token=1.0, depth=1,
                device_name="cpu", peak_memory_mb=1.0)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from harness.processes import process_running
-from loop.results import RESULT_COLUMNS
+from loop.results import PRIVATE_COLUMNS, RESULT_COLUMNS, without_private_columns
 from ratchet_helpers import (TAG, TRAINER, assert_clean_on_branch, best_commit, cli, cli_env, edit, git,
                              ledger, make_repo, session_paths, set_constant)
 
@@ -43,11 +43,12 @@ def journal(root: Path) -> dict | None:
 
 
 def assert_whole_rows(root: Path) -> None:
-    for path in (session_paths(root).ledger, root / "results.tsv"):
+    public = [c for c in RESULT_COLUMNS if c not in PRIVATE_COLUMNS]
+    for path, columns in ((session_paths(root).ledger, RESULT_COLUMNS), (root / "results.tsv", public)):
         text = path.read_text()
         assert text.endswith("\n")
-        assert all(len(line.split("\t")) == len(RESULT_COLUMNS) for line in text.splitlines())
-    assert (root / "results.tsv").read_text() == session_paths(root).ledger.read_text()
+        assert all(len(line.split("\t")) == len(columns) for line in text.splitlines())
+    assert (root / "results.tsv").read_text() == without_private_columns(session_paths(root).ledger.read_text())
 
 
 def marked_processes(marker: str) -> list[int]:

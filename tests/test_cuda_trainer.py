@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from trainer_helpers import check_trained, load_trainer
+from trainer_helpers import training_setup, check_trained, load_trainer
 
 
 
@@ -319,8 +319,9 @@ def test_requesting_cuda_without_cuda_says_what_to_do():
 # -- end to end --------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_trains_cpu_tiny_preset_and_lowers_the_loss(tiny_setup):
-    # the fixture's project copy has the cpu-tiny constants written into its train.py by `setup`
+def test_trains_cpu_tiny_preset_and_lowers_the_loss(tiny_setup_factory):
+    tiny_setup = training_setup(tiny_setup_factory, "cuda")
+    # the cpu-tiny constants `setup` wrote, at a quarter of the batch (trainer_helpers.SMALL_BATCH)
     proc = tiny_setup.run_trainer(PYTHONUNBUFFERED="1", AUTORESEARCH_COMPILE="", AUTORESEARCH_DTYPE="")
     out = check_trained(proc, "cuda")
     assert "attention: SDPA" in out and "compile:   off (eager)" in out

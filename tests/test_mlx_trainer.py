@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from trainer_helpers import check_trained, load_trainer
+from trainer_helpers import training_setup, check_trained, load_trainer
 
 mx = pytest.importorskip("mlx.core", reason="the MLX trainer needs mlx (pip install 'mlx[cpu]' on Linux)")
 
@@ -382,6 +382,6 @@ def test_trainer_never_imports_torch():
 
 @pytest.mark.slow
 def test_trains_cpu_tiny_preset_and_lowers_the_loss(tiny_setup_factory):
-    setup = tiny_setup_factory("mlx")
+    setup = training_setup(tiny_setup_factory, "mlx")
     out = check_trained(setup.run_trainer(timeout=300, PYTHONUNBUFFERED="1"), "mlx")
     assert "attention: mx.fast.scaled_dot_product_attention" in out

@@ -11,7 +11,7 @@ import torch
 
 from harness.scoring.evaluate import ACCELERATOR_BUDGET_BYTES, micro_batch_size
 from harness.hardware.presets import load_presets
-from trainer_helpers import check_trained, load_trainer
+from trainer_helpers import training_setup, check_trained, load_trainer
 
 
 
@@ -117,7 +117,7 @@ def test_apple_presets_keep_the_final_eval_far_below_metals_buffer_limits():
 
 @pytest.mark.slow
 def test_trains_cpu_tiny_preset_on_cpu_and_beats_the_unigram_baseline(tiny_setup_factory):
-    setup = tiny_setup_factory("mps")
+    setup = training_setup(tiny_setup_factory, "mps")
     proc = setup.run_trainer(timeout=300, PYTHONUNBUFFERED="1", AUTORESEARCH_COMPILE="", AUTORESEARCH_DTYPE="")
     out = check_trained(proc, "mps")
     assert "attention: SDPA" in out and "Sliding windows: a band-masked SDPA layer measured" in out

@@ -18,6 +18,7 @@ import pytest
 
 from conftest import PROJECT
 from harness.config import EvaluatorConstants, RunConfig
+from harness.scoring.evalset import EvalSet, Stream
 from loop.session import (
     SessionConfig,
     SessionPaths,
@@ -27,6 +28,7 @@ from loop.session import (
     verify_manifest,
 )
 from loop.errors import SessionError
+from loop.results import without_private_columns
 from loop.lock import LOCK_TOKEN_ENV, RepoLock
 from ratchet_helpers import (TAG, TRAINER, assert_clean_on_branch, best_commit, cli, clone_dir, edit, git,
                              ledger, make_repo, session_paths, set_constant)
@@ -61,8 +63,17 @@ def _config(root: Path, outside: Path) -> tuple[SessionConfig, SessionPaths]:
                     tokens_dir=str(outside / "tokens"), unigram_bpb=2.7)
     config = SessionConfig(tag="m", branch="autoresearch/m", backend="cuda", preset="cpu-tiny", rule="noise",
                            z=2.0, min_floor=3e-4, repeats=2, timeout=60, trainer=TRAINER, base_commit="0" * 40,
-                           run=run)
+                           run=run, eval_set=str(outside / "eval"))
     return config, SessionPaths(outside / "session")
+
+
+def _eval_set(directory: Path) -> None:
+    """A (tiny, unscoreable) evaluation set description with its files, as the manifest sees it."""
+    directory.mkdir(parents=True)
+    for name in ("val_rows.npy", "token_bytes.npy"):
+        (directory / name).write_bytes(b"\x01\x02")
+    EvalSet(directory=directory, seq_len=4, vocab_size=8, bos_id=7,
+            streams={"val": Stream(rows_file="val_rows.npy", num_rows=1, canary_rows=(), canary_pool=4)}).save()
 
 
 def test_the_manifest_names_every_changed_added_or_missing_frozen_file(tmp_path):
@@ -71,10 +82,10 @@ def test_the_manifest_names_every_changed_added_or_missing_frozen_file(tmp_path)
                        "program.md": "# program\n", "pyproject.toml": "[project]\n", TRAINER: "LR = 1\n"}.items():
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_text(text)
-    for path in ("tokenizer/tokenizer.pkl", "tokenizer/token_bytes.npy", "tokens/val.bin", "tokens/val.idx",
-                 "tokens/train.bin"):
+    for path in ("tokenizer/tokenizer.pkl", "tokenizer/token_bytes.npy", "tokens/train.bin"):
         (outside / path).parent.mkdir(parents=True, exist_ok=True)
         (outside / path).write_bytes(b"\x01\x02")
+    _eval_set(outside / "eval")
     config, paths = _config(root, outside)
     save_session_config(config, paths)
     save_manifest(build_manifest(root, config, paths), paths)
@@ -92,7 +103,7 @@ def test_the_manifest_names_every_changed_added_or_missing_frozen_file(tmp_path)
     (root / "presets/tiny.toml").unlink()
     (root / "uv.lock").write_text("lock\n")
     (outside / "tokenizer/token_bytes.npy").write_bytes(b"\x09")
-    (outside / "tokens/val.bin").write_bytes(b"\x09")
+    (outside / "eval/val_rows.npy").write_bytes(b"\x09")
     found = {m.path: (m.problem, m.in_tree) for m in verify_manifest(root, config, paths)}
     assert found == {
         "harness/scoring/evaluate.py": ("changed", True),
@@ -100,7 +111,7 @@ def test_the_manifest_names_every_changed_added_or_missing_frozen_file(tmp_path)
         "presets/tiny.toml": ("missing", True),
         "uv.lock": ("added", True),
         str(outside / "tokenizer/token_bytes.npy"): ("changed", False),
-        str(outside / "tokens/val.bin"): ("changed", False),
+        str(outside / "eval/val_rows.npy"): ("changed", False),
     }
 
 
@@ -203,8 +214,11 @@ def test_start_measures_the_baseline_and_freezes_the_evaluator(session):
     manifest = json.loads(paths.manifest.read_text())
     assert "harness/scoring/evaluate.py" in manifest and "program.md" in manifest
     assert json.loads(paths.run_config.read_text())["preset"] == "cpu-tiny"
-    # The repository's results.tsv is the ledger's copy, and git ignores it.
-    assert (session / "results.tsv").read_text() == paths.ledger.read_text()
+    # The repository's results.tsv is the ledger's copy without the holdout (never shown to the
+    # agent), and git ignores it.
+    assert "holdout_bpb" in paths.ledger.read_text() and all(r.holdout_bpb for r in rows)
+    assert (session / "results.tsv").read_text() == without_private_columns(paths.ledger.read_text())
+    assert "holdout_bpb" not in (session / "results.tsv").read_text()
 
 
 def test_a_second_session_waits_for_the_first_to_end(session):
@@ -237,7 +251,8 @@ def test_editing_the_harness_stops_the_session_naming_the_file(session):
 
 
 def test_editing_the_validation_shard_stops_the_session_naming_it(session):
-    val_file = Path(json.loads(session_paths(session).run_config.read_text())["val_file"])
+    eval_set = EvalSet.load(Path(json.loads(session_paths(session).config.read_text())["eval_set"]))
+    val_file = Path(eval_set.source["val_file"])
     before, head = ledger(session), best_commit(session)
     original = val_file.read_bytes()  # in the cache every test shares: put back whatever happens
     set_constant(session, "SEED", 43)
@@ -330,14 +345,14 @@ CRASHES = {
     "syntax error": ("def main() -> None:", "def main() -> None", "SyntaxError"),
     "import error": ("import numpy as np", "import numpy as np\nimport numpyy", "No module named 'numpyy'"),
     "prints its own score": ("    ctx = load_context()", "    print('val_bpb: 0.1')\n    ctx = load_context()",
-                             "printed its own val_bpb"),
+                             "printed a val_bpb itself"),
     "runs out of memory": ("    ctx = load_context()",
                            "    raise MemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')",
                            "out of memory"),
-    "nan loss": ("    logp = (", "    counts[0] = float('nan')\n    logp = (", "not finite"),
+    "nan loss": ("    logp = torch.tensor(", "    counts[0] = float('nan')\n    logp = torch.tensor(", "not finite"),
     "hangs": ("    ctx = load_context()", "    import time; time.sleep(600)", f"timed out after {TIMEOUT_S} s"),
-    "sees the future": ("return np.broadcast_to(logp, (*inputs.shape, logp.size)).copy()",
-                        "out = np.broadcast_to(logp, (*inputs.shape, logp.size)).copy(); "
+    "sees the future": ("return logp.expand(*inputs.shape, logp.numel()).clone()",
+                        "out = logp.expand(*inputs.shape, logp.numel()).clone(); "
                         "out[:, :-1, :] += inputs[:, 1:, None] * 1e-3; return out",
                         "depend on tokens after t"),
 }

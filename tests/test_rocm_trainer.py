@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from harness.hardware.flops import peak_flops
-from trainer_helpers import check_trained, load_trainer
+from trainer_helpers import training_setup, check_trained, load_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINER = ROOT / "backends" / "rocm" / "train.py"
@@ -76,7 +76,7 @@ def test_sliding_windows_are_kept_and_match_plain_softmax_attention():
 
 @pytest.mark.slow
 def test_trains_cpu_tiny_preset_on_cpu_and_beats_the_unigram_baseline(tiny_setup_factory):
-    setup = tiny_setup_factory("rocm")
+    setup = training_setup(tiny_setup_factory, "rocm")
     proc = setup.run_trainer(timeout=300, PYTHONUNBUFFERED="1", AUTORESEARCH_COMPILE="", AUTORESEARCH_DTYPE="")
     out = check_trained(proc, "rocm")
     assert "Sliding windows: a band-masked SDPA layer measured" in out  # cpu-tiny keeps "SL"

@@ -11,6 +11,19 @@ from pathlib import Path
 from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
+# The end-to-end trainer tests: every step is charged on CPU (nothing compiles there), so they train
+# the cpu-tiny model at a quarter of its batch for 10 s: about 50 steps on 2 idle cores.
+TRAINING_BUDGET = "10"
+SMALL_BATCH = {"DEVICE_BATCH_SIZE": 4, "TOTAL_BATCH_SIZE": 1024}
+
+
+def training_setup(tiny_setup_factory, backend: str):
+    """A fresh project copy set up for `backend` with the end-to-end tests' budget and batch."""
+    from harness.trainer_constants import write_constants
+
+    setup = tiny_setup_factory(backend, TIME_BUDGET=TRAINING_BUDGET)
+    write_constants(setup.root / "backends" / backend / "train.py", SMALL_BATCH)
+    return setup
 
 
 def load_trainer(backend: str, name: str | None = None) -> ModuleType:

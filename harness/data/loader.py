@@ -53,6 +53,7 @@ class BestFitPacker:
         self._count = 0  # documents in the buffer
         self._lengths: list[int] = []  # distinct lengths present, sorted
         self._by_length: dict[int, deque[int]] = {}  # length -> starts of the documents, in buffer order
+        self.used_starts: list[int] = []  # start offset of every document placed in a row, cropped or whole
 
     def _fill(self) -> None:
         """Read up to `refill` documents (not past the end of the file) into the buffer."""
@@ -103,6 +104,7 @@ class BestFitPacker:
                     del by_length[length]
                     del lengths[i - 1]
                 self._count -= 1
+                self.used_starts.append(start)
                 row[pos : pos + take] = tokens[start : start + take]
                 pos += take
             self.rows_done += 1
@@ -148,15 +150,29 @@ def train_batches(tokens: TokenFile, B: int, T: int, prefetch: int = 2) -> Itera
     return consume()
 
 
-def val_rows(tokens: TokenFile, T: int, num_rows: int) -> np.ndarray:
+def val_rows(tokens: TokenFile, T: int, num_rows: int, name: str | None = None) -> np.ndarray:
     """The first `num_rows` packed rows (num_rows, T+1) of the validation file: deterministic (a
     fresh packer from document 0), never re-reading a document."""
+    return packed_rows(tokens, T, num_rows, name)[0]
+
+
+def packed_rows(tokens: TokenFile, T: int, num_rows: int, name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`val_rows`, plus the sorted indices of the documents those rows use (in part or whole).
+    `name` is what an error calls the file (the user's data, not a cache path)."""
     packer = BestFitPacker(tokens, T, wrap=False)
     try:
-        return packer.next_rows(num_rows)
+        rows = packer.next_rows(num_rows)
     except DataExhausted:
+        what = name or str(tokens.prefix)
+        if packer.rows_done == 0:
+            raise ValueError(
+                f"{what} is too small to evaluate on: it does not fill a single row of {T + 1} tokens "
+                f"({tokens.num_tokens:,} tokens in {tokens.num_docs:,} documents); use a larger validation split"
+            ) from None
         raise ValueError(
-            f"the validation file {tokens.prefix} supplies only {packer.rows_done} rows of {T + 1} tokens without "
-            f"repeating documents, but {num_rows} are needed: lower EVAL_TOKENS to at most "
-            f"{packer.rows_done * T} (or use a larger validation split)"
+            f"{what} supplies only {packer.rows_done} rows of {T + 1} tokens without repeating documents, "
+            f"but {num_rows} are needed: lower EVAL_TOKENS to at most {packer.rows_done * T} "
+            "(or use a larger validation split)"
         ) from None
+    used = np.searchsorted(tokens.offsets, np.asarray(packer.used_starts, dtype=np.int64))
+    return rows, np.unique(used)

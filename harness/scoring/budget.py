@@ -1,16 +1,23 @@
-"""The training clock and the summary block.
+"""The trainer's clock and the summary block.
 
-The clock charges wall time only after the first `UNTIMED_STEPS` steps, so that compilation and
-warm-up are not charged to the budget; schedules read `progress`, stopping reads `done`.
+The clock charges wall time after the first `untimed_steps` steps (compilation and warm-up), and
+schedules read `progress`, stopping reads `done`. It is the trainer's own clock, so it only shapes
+the run: the runner holds the budget (`harness.scoring.runner`), and stops a trainer that is still
+running TIME_BUDGET + WARMUP_ALLOWANCE seconds after it was started. `deadline` is that moment,
+less a reserve for exporting the model: when the warm-up ends late, the charged budget shrinks so
+that the schedules still finish before it, and `done` turns true at the deadline whatever the
+step count.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import IO, Callable
 
-UNTIMED_STEPS = 10
+UNTIMED_STEPS = 10  # a trainer that does not compile sets ctx.budget.untimed_steps = 1
+EXPORT_RESERVE_S = 3.0  # wall time kept back before the deadline for exporting the model
 
 
 @dataclass
@@ -21,27 +28,48 @@ class Budget:
 
     time_budget: float
     untimed_steps: int = UNTIMED_STEPS
+    deadline: float | None = None  # epoch seconds by which the model must be exported
     clock: Callable[[], float] = time.perf_counter
+    wall: Callable[[], float] = time.time
+    curve: IO[str] | None = None  # the training curve, one JSON line per step
     step: int = 0
     training_seconds: float = 0.0
     timed_tokens: int = 0
     total_tokens: int = 0
+    charged_budget: float = field(default=0.0, init=False)  # time_budget, or less when the warm-up ran late
+    last_step_seconds: float = field(default=0.0, init=False)
     _t0: float | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.charged_budget = self.time_budget
 
     def start_step(self) -> None:
         self._t0 = self.clock()
 
-    def end_step(self, tokens: int) -> float:
-        """Close the step begun by `start_step`; returns its duration in seconds."""
+    def end_step(self, tokens: int, loss: float | None = None, lrm: float | None = None) -> float:
+        """Close the step begun by `start_step`; returns its duration in seconds. `loss` and the
+        learning-rate multiplier `lrm` go into the training curve."""
         if self._t0 is None:
             raise RuntimeError("Budget.end_step() called without start_step()")
         dt = self.clock() - self._t0
         self._t0 = None
+        self.last_step_seconds = dt
         if self.step >= self.untimed_steps:
             self.training_seconds += dt
             self.timed_tokens += tokens
         self.total_tokens += tokens
         self.step += 1
+        if self.step == self.untimed_steps and self.deadline is not None:
+            left = self.deadline - self.wall()
+            if left < self.time_budget:
+                self.charged_budget = max(left, 0.0)
+                print(f"\nnote: start-up and warm-up used the allowance; training gets {self.charged_budget:.1f} s "
+                      f"instead of TIME_BUDGET {self.time_budget:g} s", flush=True)
+        if self.curve is not None:
+            record = {"step": self.step - 1, "seconds": round(dt, 6), "tokens": tokens,
+                      "tokens_per_sec": round(tokens / dt, 1) if dt > 0 else None,
+                      "loss": loss, "lrm": lrm, "timed": self.step > self.untimed_steps}
+            self.curve.write(json.dumps(record) + "\n")
         return dt
 
     @property
@@ -51,17 +79,20 @@ class Budget:
     @property
     def progress(self) -> float:
         """Fraction of the budget spent, in [0, 1]; 0 during the untimed steps."""
-        if self.time_budget <= 0:
+        if self.charged_budget <= 0:
             return 1.0
-        return min(self.training_seconds / self.time_budget, 1.0)
+        return min(self.training_seconds / self.charged_budget, 1.0)
 
     @property
     def done(self) -> bool:
-        return self.step > self.untimed_steps and self.training_seconds >= self.time_budget
+        """The budget is spent, or the next step would end past the deadline."""
+        if self.deadline is not None and self.wall() + self.last_step_seconds >= self.deadline:
+            return True
+        return self.step > self.untimed_steps and self.training_seconds >= self.charged_budget
 
     @property
     def remaining_seconds(self) -> float:
-        return max(0.0, self.time_budget - self.training_seconds)
+        return max(0.0, self.charged_budget - self.training_seconds)
 
     @property
     def tokens_per_sec(self) -> float:

@@ -1,9 +1,13 @@
 """What a trainer gets from the harness, and what it hands back.
 
 A trainer calls `load_context()`, trains on `ctx.train_batches(B)` while `ctx.budget` allows, then
-calls `ctx.finish(forward, ...)`. The harness (not the trainer) evaluates the returned forward
-function on the validation stream, prints the summary block and writes the machine-readable
-result that `harness.scoring.runner` trusts. Framework code is imported only inside the adapters.
+calls `ctx.finish(forward, ...)`. There the harness exports the forward function to an artifact in
+the run's folder (`harness.scoring.artifact`) and writes the training facts (steps, tokens, peak
+memory: information, never a score); the process then exits and the runner has the artifact scored
+by a separate evaluator process. The trainer's configuration names the training tokens only.
+
+Run on its own (`python backends/cuda/train.py`, no runner), `finish` exports to a temporary folder
+and starts the evaluator itself, then prints the summary, as upstream's script did.
 """
 
 from __future__ import annotations
@@ -12,22 +16,27 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator
 
 import numpy as np
 
-from harness.scoring.budget import Budget, format_summary
 from harness.config import RunConfig, load_config
 from harness.files import atomic_write_text
-from harness.hardware.flops import mfu_percent
+from harness.scoring.budget import EXPORT_RESERVE_S, Budget
 
-RESULT_ENV = "AUTORESEARCH_RESULT"   # where the runner wants the JSON result
-NONCE_ENV = "AUTORESEARCH_RUN_NONCE"  # per-run token proving the result came from the harness
-DEVICE_ENV = "AUTORESEARCH_DEVICE"    # overrides the configured device (tests use "cpu")
+RUN_DIR_ENV = "AUTORESEARCH_RUN_DIR"  # where the runner wants the artifact, facts and curve
+DEADLINE_ENV = "AUTORESEARCH_DEADLINE"  # epoch seconds: the runner stops the trainer then
+DEVICE_ENV = "AUTORESEARCH_DEVICE"  # overrides the configured device (tests use "cpu")
+IN_TRAINER_ENV = "AUTORESEARCH_IN_TRAINER"  # set for the trainer: session commands refuse to run in it
 DIVERGED_EXIT_CODE = 3
+EXPORT_FAILED_EXIT_CODE = 4
+ARTIFACT_DIR = "artifact"
+FACTS_FILE = "train.json"
+CURVE_FILE = "curve.jsonl"
 
 
 class DivergedError(RuntimeError):
@@ -40,6 +49,7 @@ class TrainingContext:
     budget: Budget
     bos_id: int
     vocab_size: int
+    run_dir: Path | None = None  # None: run on its own, without the runner
     t_start: float = field(default_factory=time.perf_counter)
 
     # -- facts the trainer reads ------------------------------------------------------------
@@ -83,50 +93,50 @@ class TrainingContext:
         device_name: str,
         peak_memory_mb: Callable[[], float] | float | None = None,
     ) -> dict:
-        """Evaluate `forward` (inputs -> logits of shape (B, T, V)) on exactly EVAL_TOKENS
-        validation positions, print the summary, write the result. Returns the summary dict."""
-        from harness.scoring.evaluate import check_causality, evaluate_bpb
-        from harness.data.loader import val_rows
-        from harness.data.tokenizer import load_token_bytes
-        from harness.data.tokens import TokenFile
+        """Hand the model over: export `forward` (int token ids (B, T) -> logits (B, T, V), called
+        with the evaluator's fixed B) and record the training facts. Returns the facts; run on
+        its own, also scores the model and returns the summary."""
+        from harness.scoring.artifact import ArtifactError, export_forward
+        from harness.scoring.evaluate import eval_batch
 
-        ev = self.config.evaluator
-        rows = val_rows(TokenFile.open(Path(self.config.tokens_dir) / "val"), ev.MAX_SEQ_LEN, ev.eval_rows)
-        token_bytes = load_token_bytes(Path(self.config.tokenizer_dir))
-        check_causality(forward, rows[:1, :-1], framework=framework, device=self.device, vocab_size=self.vocab_size)
-        result = evaluate_bpb(
-            forward, rows, token_bytes, framework=framework, device=self.device,
-            max_batch_size=ev.EVAL_BATCH_SIZE,
-        )
         peak = peak_memory_mb() if callable(peak_memory_mb) else peak_memory_mb
         b = self.budget
-        summary = {
-            "val_bpb": result.val_bpb,
-            "training_seconds": b.training_seconds,
-            "total_seconds": time.perf_counter() - self.t_start,
-            "peak_vram_mb": peak,
-            "mfu_percent": mfu_percent(flops_per_token, b.tokens_per_sec, device_name),
-            "total_tokens_M": b.total_tokens / 1e6,
-            "num_steps": b.step,
-            "num_params_M": num_params / 1e6,
-            "depth": depth,
-            "backend": self.config.backend,
-            "device": device_name,
-            "preset": self.config.preset,
-            "eval_tokens": result.num_tokens,
-            "tokens_per_sec": b.tokens_per_sec,
-            "unigram_bpb": self.config.unigram_bpb,
+        facts = {
+            "framework": framework, "num_steps": b.step, "timed_steps": b.timed_steps,
+            "trainer_seconds": b.training_seconds, "total_tokens": b.total_tokens,
+            "tokens_per_sec": b.tokens_per_sec, "peak_memory_mb": peak, "num_params": num_params,
+            "flops_per_token": flops_per_token, "depth": depth, "device_name": device_name,
         }
-        print("\n" + format_summary(summary), flush=True)  # ends any \r progress line
-        self._write_result(summary)
-        return summary
+        run_dir = self.run_dir or Path(tempfile.mkdtemp(prefix="autoresearch-run-"))
+        ev = self.config.evaluator
+        batch = eval_batch(ev.MAX_SEQ_LEN, self.vocab_size, ev.EVAL_BATCH_SIZE, framework=framework, device=self.device)
+        try:
+            meta = export_forward(forward, framework=framework, batch=batch, seq_len=ev.MAX_SEQ_LEN,
+                                  vocab_size=self.vocab_size, device=self.device, directory=run_dir / ARTIFACT_DIR)
+        except ArtifactError as exc:
+            print(f"\nFAIL: export: {exc}", flush=True)
+            sys.exit(EXPORT_FAILED_EXIT_CODE)
+        facts["export_seconds"] = meta.export_seconds
+        atomic_write_text(run_dir / FACTS_FILE, json.dumps(facts))
+        print(f"\nexported the model for the evaluator ({meta.export_seconds:.1f} s)", flush=True)
+        if self.run_dir is None:
+            return self._score_on_its_own(run_dir)
+        return facts
 
-    def _write_result(self, summary: dict) -> None:
-        path = os.environ.get(RESULT_ENV)
-        if not path:
-            return
-        payload = {"nonce": os.environ.get(NONCE_ENV, ""), "summary": summary}
-        atomic_write_text(Path(path), json.dumps(payload))
+    def _score_on_its_own(self, run_dir: Path) -> dict:
+        """No runner: score the artifact with a fresh evaluator and print the summary (a
+        convenience; the ratchet only trusts the runner's own evaluation)."""
+        from harness.paths import repo_root
+        from harness.scoring.runner import evaluate_run, format_summary
+
+        root = Path(__file__).resolve().parents[2]
+        summary, reason = evaluate_run(repo_root(root), self.config, run_dir, device=self.device,
+                                       seconds=time.perf_counter() - self.t_start)
+        if summary is None:
+            print(f"FAIL: {reason}", flush=True)
+            sys.exit(1)
+        print("\n" + format_summary(summary), flush=True)
+        return summary
 
 
 def load_context(config_path: Path | None = None) -> TrainingContext:
@@ -135,9 +145,16 @@ def load_context(config_path: Path | None = None) -> TrainingContext:
 
     config = load_config(config_path)
     tokenizer = load_tokenizer(Path(config.tokenizer_dir))
+    run_dir = Path(os.environ[RUN_DIR_ENV]) if os.environ.get(RUN_DIR_ENV) else None
+    deadline = float(os.environ[DEADLINE_ENV]) - EXPORT_RESERVE_S if os.environ.get(DEADLINE_ENV) else None
+    curve: IO[str] | None = None
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        curve = open(run_dir / CURVE_FILE, "a", encoding="utf-8", buffering=1)
     return TrainingContext(
         config=config,
-        budget=Budget(time_budget=config.evaluator.TIME_BUDGET),
+        budget=Budget(time_budget=config.evaluator.TIME_BUDGET, deadline=deadline, curve=curve),
         bos_id=tokenizer.bos_id,
         vocab_size=tokenizer.vocab_size,
+        run_dir=run_dir,
     )

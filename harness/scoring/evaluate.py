@@ -192,6 +192,122 @@ def check_causality(
             )
 
 
+# Probing while scoring. A probed micro-batch is run twice: as it is, and with every row's tokens
+# after a random position t replaced by other random tokens; the logits at positions <= t must not
+# move. Positions come from a per-run seed, every probed row gets its own, and the probe batches have
+# the scoring batches' shape and sit among them, so an exported graph (no Python state) cannot tell
+# a probe from a scoring call.
+PROBE_FRACTION = 1 / 8  # of the micro-batches of a stream
+PROBE_MIN_BATCHES = 4
+
+
+@dataclass(frozen=True)
+class StreamScore:
+    """One stream's sums: scored rows, and its canary rows on their own."""
+
+    nats: float
+    bytes: int
+    tokens: int  # target positions of the scored rows (special tokens included)
+    canary_nats: float = 0.0
+    canary_bytes: int = 0
+    canary_targets: int = 0
+    probed_rows: int = 0
+
+    @property
+    def bpb(self) -> float:
+        return self.nats / (math.log(2) * self.bytes)
+
+
+def eval_batch(seq_len: int, vocab: int, max_batch_size: int, *, framework: str, device: str) -> int:
+    """The fixed number of rows of every evaluator call: the trainer exports its forward for it."""
+    return micro_batch_size(seq_len, vocab, max_batch_size, default_memory_budget(framework, device),
+                            framework=framework)
+
+
+def score_stream(
+    forward: Callable[[Any], Any],
+    rows: np.ndarray,
+    token_bytes: np.ndarray,
+    *,
+    framework: str,
+    device: str,
+    batch: int,
+    canary_rows: Sequence[int] = (),
+    probe_seed: int | None = None,
+) -> StreamScore:
+    """Score `rows` (N, T+1) in calls of exactly `batch` rows, the canary rows apart, probing
+    causality on randomly chosen micro-batches when `probe_seed` is given (CausalityError names
+    the row and position of a leak). Sums per row are float64, added in a fixed order."""
+    rows, token_bytes = _check_rows(rows, token_bytes)
+    num_rows, seq_len = rows.shape[0], rows.shape[1] - 1
+    vocab = len(token_bytes)
+    targets = rows[:, 1:]
+    target_bytes = token_bytes[targets]
+    is_canary = np.zeros(num_rows, dtype=bool)
+    is_canary[list(canary_rows)] = True
+    counted = (target_bytes > 0) & ~is_canary[:, None]
+    num_batches = -(-num_rows // batch)
+    rng = np.random.default_rng(probe_seed)
+    probed: set[int] = set()
+    if probe_seed is not None:
+        wanted = max(min(num_batches, PROBE_MIN_BATCHES), math.ceil(num_batches * PROBE_FRACTION))
+        probed = set(rng.choice(num_batches, size=min(wanted, num_batches), replace=False).tolist())
+
+    adapter = _make_adapter(forward, framework, device)
+    row_nats = np.zeros(num_rows, dtype=np.float64)
+    canary_nats = 0.0
+    probed_rows = 0
+    try:
+        for index in range(num_batches):
+            start = index * batch
+            stop = min(start + batch, num_rows)
+            take = np.minimum(np.arange(start, start + batch), num_rows - 1)  # pads the last batch
+            x = np.ascontiguousarray(rows[take, :-1])
+            y = np.ascontiguousarray(targets[take])
+            if index in probed:
+                ts = rng.integers(0, seq_len - 1, size=batch)
+                x_alt = x.copy()
+                after = np.arange(seq_len)[None, :] > ts[:, None]
+                shift = rng.integers(1, vocab, size=x.shape)  # nonzero modulo V: every later token changes
+                x_alt[after] = (x[after] + shift[after]) % vocab
+                nats, diff, scale = adapter.nats_probed(x, y, vocab, x_alt, ts)
+                _check_probe(diff[: stop - start], scale[: stop - start], ts[: stop - start], start, seq_len)
+                probed_rows += stop - start
+            else:
+                nats = adapter.nats(x, y, vocab)
+            nats = nats[: stop - start].astype(np.float64)
+            if not np.isfinite(nats).all():
+                bad = int((~np.isfinite(nats)).sum())
+                raise EvaluationError(
+                    f"the model's logits are not finite (NaN or inf) at {bad} of {nats.size} positions "
+                    f"of rows {start}..{stop - 1}: training diverged or the forward is broken"
+                )
+            row_nats[start:stop] = np.where(counted[start:stop], nats, 0.0).sum(axis=1)
+            canaries = is_canary[start:stop]
+            if canaries.any():
+                canary_nats += float(nats[canaries].sum())
+    finally:
+        adapter.release()
+    return StreamScore(
+        nats=float(row_nats.sum()), bytes=int(np.where(counted, target_bytes, 0).sum(dtype=np.int64)),
+        tokens=int((~is_canary).sum()) * seq_len, canary_nats=canary_nats,
+        canary_bytes=int(target_bytes[is_canary].sum(dtype=np.int64)),
+        canary_targets=int(is_canary.sum()) * seq_len, probed_rows=probed_rows,
+    )
+
+
+def _check_probe(diff: np.ndarray, scale: np.ndarray, ts: np.ndarray, first_row: int, seq_len: int) -> None:
+    tolerance = CAUSALITY_RTOL * scale + CAUSALITY_ATOL
+    bad = np.flatnonzero(~(diff <= tolerance))  # NaN counts as a violation
+    if len(bad):
+        i = int(bad[0])
+        raise CausalityError(
+            f"{CAUSALITY_MESSAGE} (probe: changing the tokens after position {int(ts[i])} of {seq_len} in row "
+            f"{first_row + i} moved the logits at positions <= {int(ts[i])} by up to {float(diff[i]):.4g}, "
+            f"tolerance {float(tolerance[i]):.3g})"
+        )
+
+
 def unigram_bpb(train_tokens: Any, rows: np.ndarray, token_bytes: np.ndarray, vocab_size: int) -> float:
     """bpb of a unigram model fitted on the training tokens (add-one smoothing over the vocab),
     on the same targets and with the same exclusions as `evaluate_bpb`: the bar a trained model
@@ -277,6 +393,11 @@ class _Adapter(Protocol):
     def logits(self, x: np.ndarray, vocab: int) -> np.ndarray:
         """The logits as float32 on the host, shape (b, T, V)."""
 
+    def nats_probed(self, x: np.ndarray, y: np.ndarray, vocab: int, x_alt: np.ndarray,
+                    ts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`nats(x, y)`, plus per row: the largest change of any logit at positions <= ts[row]
+        when x becomes x_alt, and the scale of the row's logits (their largest magnitude)."""
+
     def release(self) -> None:
         """Give back framework memory held after evaluation."""
 
@@ -312,6 +433,13 @@ class _NumpyAdapter:
     def nats(self, x: np.ndarray, y: np.ndarray, vocab: int) -> np.ndarray:
         return _log_softmax_nats(self.logits(x, vocab), y)
 
+    def nats_probed(self, x, y, vocab, x_alt, ts):
+        logits, alt = self.logits(x, vocab), self.logits(x_alt, vocab)
+        before = np.arange(x.shape[1])[None, :] <= ts[:, None]
+        with np.errstate(invalid="ignore"):
+            moved = np.where(before, np.abs(alt - logits).max(axis=-1), 0.0).max(axis=1)
+        return _log_softmax_nats(logits, y), moved, np.abs(logits).max(axis=(1, 2))
+
     def release(self) -> None:
         pass
 
@@ -337,13 +465,26 @@ class _TorchAdapter:
             return self._forward(x, vocab).float().cpu().numpy()
 
     def nats(self, x: np.ndarray, y: np.ndarray, vocab: int) -> np.ndarray:
-        F = self.torch.nn.functional
         with self.torch.no_grad():
+            return self._nats(self._forward(x, vocab), y)
+
+    def _nats(self, logits: Any, y: np.ndarray) -> np.ndarray:
+        F = self.torch.nn.functional
+        v = logits.shape[-1]
+        targets = self.torch.from_numpy(y.astype(np.int64)).to(logits.device)
+        nats = F.cross_entropy(logits.float().reshape(-1, v), targets.reshape(-1), reduction="none")
+        return nats.view(y.shape).cpu().numpy()
+
+    def nats_probed(self, x, y, vocab, x_alt, ts):
+        torch = self.torch
+        with torch.no_grad():
             logits = self._forward(x, vocab)
-            v = logits.shape[-1]
-            targets = self.torch.from_numpy(y.astype(np.int64)).to(logits.device)
-            nats = F.cross_entropy(logits.float().reshape(-1, v), targets.reshape(-1), reduction="none")
-            return nats.view(y.shape).cpu().numpy()
+            alt = self._forward(x_alt, vocab)
+            before = torch.arange(x.shape[1], device=logits.device)[None, :] <= torch.from_numpy(ts).to(logits.device)[:, None]
+            moved = (alt.float() - logits.float()).abs().amax(dim=-1)
+            moved = torch.where(before, moved, torch.zeros_like(moved)).amax(dim=1)
+            scale = logits.float().abs().amax(dim=(1, 2))
+            return self._nats(logits, y), moved.cpu().numpy(), scale.cpu().numpy()
 
     def release(self) -> None:
         pass  # tensors die with the micro-batch; the caching allocator reuses their blocks
@@ -370,13 +511,26 @@ class _MlxAdapter:
         return np.array(out)
 
     def nats(self, x: np.ndarray, y: np.ndarray, vocab: int) -> np.ndarray:
+        nats = self._nats(self._forward(x, vocab).astype(self.mx.float32), y)
+        self.mx.eval(nats)
+        return np.array(nats)
+
+    def _nats(self, logits: Any, y: np.ndarray) -> Any:
         mx = self.mx
-        logits = self._forward(x, vocab).astype(mx.float32)
         targets = mx.array(y.astype(np.int32))
         picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        nats = mx.logsumexp(logits, axis=-1) - picked
-        mx.eval(nats)
-        return np.array(nats)
+        return mx.logsumexp(logits, axis=-1) - picked
+
+    def nats_probed(self, x, y, vocab, x_alt, ts):
+        mx = self.mx
+        logits = self._forward(x, vocab).astype(mx.float32)
+        alt = self._forward(x_alt, vocab).astype(mx.float32)
+        before = mx.arange(x.shape[1])[None, :] <= mx.array(ts.astype(np.int32))[:, None]
+        moved = mx.where(before, mx.abs(alt - logits).max(axis=-1), 0.0).max(axis=1)
+        scale = mx.abs(logits).max(axis=(1, 2))
+        nats = self._nats(logits, y)
+        mx.eval(nats, moved, scale)
+        return np.array(nats), np.array(moved), np.array(scale)
 
     def release(self) -> None:
         self._clear_cache()
