@@ -45,7 +45,10 @@ from typing import Iterable, Sequence
 RULES = ("noise", "strict")
 DEFAULT_Z = 2.0
 DEFAULT_SCREEN_Z = 1.0
-DEFAULT_MAX_DRIFT_PERCENT = 10.0
+# Quiet readings of harness.scoring.speed on a 2-core CPU spread about +-10 %; another job's load
+# cut them 10-100x. Measured over 32 runs there: every loaded run was void at any limit up to 75 %;
+# quiet runs voided (load arriving just before or after them): 7 of 12 at 10 %, 5 at 25 %.
+DEFAULT_MAX_DRIFT_PERCENT = 25.0
 # The floor never drops below this, even when the measured spread is zero (a deterministic
 # backend): upstream PR #560 puts the structural floor of the fixed eval at a few 1e-4.
 DEFAULT_MIN_FLOOR = 3e-4
