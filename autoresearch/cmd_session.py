@@ -4,8 +4,8 @@ loop); this module parses options, holds the repository lock while something cha
 (data on stdout, messages on stderr).
 
 Exit codes: 0 done (whatever the verdict), 1 an error to fix (the message says what),
-2 a usage error (a wrong option), 3 the frozen evaluator changed (the session is stopped),
-130 interrupted with Ctrl-C.
+2 a usage error (a wrong option), 3 the frozen evaluator or the session's own state changed (the
+session is stopped), 130 interrupted with Ctrl-C.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Annotated, Callable, Iterator, Optional
 import typer
 
 from autoresearch.output import err, fail, info, labelled, plain, print_json, warn
+from autoresearch.progress import periodic_printer, refuse_inside_trainer
 
 session_app = typer.Typer(help="Start, inspect, end or resume the repository's research session.",
                           no_args_is_help=True)
@@ -33,6 +34,7 @@ def _guarded(command: str, lock: bool = True) -> Iterator[object]:
     from loop.errors import SessionError
     from loop.lock import RepoLock
 
+    refuse_inside_trainer(command)
     root = repo_root()
     holder = RepoLock(root, command)
     try:
@@ -62,9 +64,10 @@ def _guarded(command: str, lock: bool = True) -> Iterator[object]:
 
 
 def _progress() -> tuple[Callable[[str], None] | None, Callable[[], None]]:
-    """A one-line live status for the trainer's progress on an interactive terminal."""
+    """A one-line live status for the trainer's progress on an interactive terminal; off one, a
+    line on stderr every few seconds."""
     if not err.is_terminal:
-        return None, lambda: None
+        return periodic_printer(), lambda: None
     status = err.status("starting...")
     status.start()
     return (lambda line: status.update(plain(line[:120] or "running..."))), status.stop
@@ -121,8 +124,12 @@ def status(json_output: JsonOpt = False) -> None:
     """Show the active session: best, noise floor, counts, anything in flight."""
     from loop.ratchet import Session
 
+    from loop.parallel import in_flight_lines
+
     with _guarded("autoresearch session status", lock=False):
-        data = Session.active(_root()).status()
+        session = Session.active(_root())
+        data = session.status()
+        data["experiments_in_flight"] = in_flight_lines(session.paths)
     if json_output:
         print_json(data)
         return
@@ -134,13 +141,17 @@ def status(json_output: JsonOpt = False) -> None:
         f"baseline:     {_bpb(data['baseline_bpb'])} (runs: {', '.join(f'{v:.6f}' for v in data['baseline_runs']) or 'none yet'})",
         f"noise:        sigma {data['sigma']:.6f}, floor {data['noise_floor']:.6f}",
         f"best:         {_bpb(data['best_bpb'])} at {data['best_commit']}",
+        f"holdout:      {data['holdout_detail']}",
         f"experiments:  {data['experiments']} ({counts})",
+        f"ledger:       {data['ledger']['detail']}",
         f"git:          HEAD {data['head']}" + ("" if data["on_branch"] else " (not on the session branch)")
         + (f", untried changes: {', '.join(data['pending_changes'])}" if data["pending_changes"] else ""),
     ]
     if data["in_flight"]:
         lines.append(f"in flight:    an experiment was interrupted in phase {data['in_flight']}: "
                      "`autoresearch session resume` finishes it")
+    for number, line in enumerate(data["experiments_in_flight"]):
+        lines.append(f"{'in flight:' if number == 0 else '':<14}{line}")
     if data["busy"]:
         lines.append(f"busy:         {data['busy']}")
     loop = data.get("loop")
@@ -175,22 +186,26 @@ def resume(
     Finishes or records the experiment in flight, puts git back on the best commit, then
     continues the loop that was running (if any)."""
     from loop.driver import interrupted_loop
-    from loop.journal import read_journal
+    from loop.journal import read_journal, read_loop_state
+    from loop.parallel import read_in_flight, recover_parallel
     from loop.ratchet import Session
 
     with _guarded("autoresearch session resume") as lock:
         session = Session.active(_root())
-        if read_journal(session.paths) is None:
+        if read_journal(session.paths) is None and read_in_flight(session.paths) is None:
             info("nothing was in flight")
         update, stop = _progress()
         try:
             session.recover(log=info, progress=update)
+            recover_parallel(session, log=info)
         finally:
             stop()
         plan = None if no_loop else interrupted_loop(session.paths)
         if plan is not None:
             info(f"continuing the loop with --agent {plan.agent!r} after {plan.done} iteration(s)")
-            _loop(session, plan, json_output, lock.token, resumed=True)
+            saved = read_loop_state(session.paths) or {}
+            _loop(session, plan, json_output, lock.token, resumed=True,
+                  parallel=_parallel(int(saved.get("workers") or 1), saved.get("ray"), bool(saved.get("wave"))))
         else:
             data = session.status()
     if plan is None:
@@ -236,6 +251,9 @@ def loop(
     hours: Annotated[Optional[float], typer.Option("--hours", min=0, help="Stop starting new iterations after H hours.")] = None,
     agent_timeout: Annotated[float, typer.Option("--agent-timeout", min=1, help="Kill an agent call after S seconds (what it changed is still tried).")] = 1800,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the mutate proposer (default: random).")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Experiments in flight at once, one per accelerator (or CPU share), through Ray.")] = 1,
+    ray_address: Annotated[Optional[str], typer.Option("--ray", envvar="RAY_ADDRESS", help="Run the workers on this Ray cluster (default: a local one; RAY_ADDRESS too).")] = None,
+    wave: Annotated[bool, typer.Option("--wave", help="With --workers: one agent call proposes a change in each free worker's copy.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object per experiment on stdout (JSON lines).")] = False,
 ) -> None:
     """Run experiments until --max or --hours: the agent edits, the harness tries.
@@ -251,10 +269,19 @@ def loop(
         session = Session.active(_root())
         plan = LoopPlan(agent=agent.strip(), max_iterations=max_iterations, hours=hours,
                         agent_timeout=agent_timeout, seed=seed)
-        _loop(session, plan, json_output, lock.token)
+        _loop(session, plan, json_output, lock.token, parallel=_parallel(workers, ray_address, wave))
 
 
-def _loop(session, plan, json_output: bool, token: str, resumed: bool = False) -> None:
+def _parallel(workers: int, address: str | None, wave: bool):
+    """The parallel loop's options, or None for the one-worker loop (no Ray involved)."""
+    if workers == 1 and not address:
+        return None
+    from loop.parallel import ParallelOptions
+
+    return ParallelOptions(workers=workers, address=address or None, wave=wave)
+
+
+def _loop(session, plan, json_output: bool, token: str, resumed: bool = False, parallel=None) -> None:
     from loop.driver import run_loop
 
     def emit(result) -> None:
@@ -266,7 +293,12 @@ def _loop(session, plan, json_output: bool, token: str, resumed: bool = False) -
 
     update, stop = _progress()
     try:
-        why = run_loop(session, plan, emit, log=info, progress=update, lock_token=token, resumed=resumed)
+        if parallel is None:
+            why = run_loop(session, plan, emit, log=info, progress=update, lock_token=token, resumed=resumed)
+        else:
+            from loop.parallel import run_parallel
+
+            why = run_parallel(session, plan, parallel, emit, log=info, progress=update, resumed=resumed)
     finally:
         stop()
     status = session.status()

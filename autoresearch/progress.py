@@ -25,6 +25,11 @@ def progress_reporter(initial: str = "starting...") -> Iterator[Callable[[str], 
         with err.status(plain(initial)) as status:
             yield lambda line: status.update(plain(line[:120] or initial))
         return
+    yield periodic_printer()
+
+
+def periodic_printer() -> Callable[[str], None]:
+    """`report(line)` that prints the latest line to stderr at most every `EVERY_S` seconds."""
     start = time.monotonic()
     last = [start]
 
@@ -34,7 +39,7 @@ def progress_reporter(initial: str = "starting...") -> Iterator[Callable[[str], 
             last[0] = now
             print(f"[{now - start:5.0f} s] {line[:200]}", file=sys.stderr, flush=True)
 
-    yield report
+    return report
 
 
 def refuse_inside_trainer(command: str) -> None:

@@ -44,3 +44,10 @@ class BaselineFailed(SessionError):
                          "the unchanged trainer must run before a session can measure anything: fix it, commit, "
                          "and start again (`autoresearch run` runs it alone)")
         self.log_tail = outcome.log_tail(20)
+
+
+class SessionTampered(SessionError):
+    """The session's own state (its ledger, configuration or manifest) was changed outside the
+    ratchet: the session stops, as for a changed evaluator."""
+
+    exit_code = FrozenEvaluatorError.exit_code

@@ -8,6 +8,10 @@ from pathlib import Path
 from loop.errors import SessionError
 
 
+class GitFailure(SessionError):
+    """A git command the ratchet needs failed; the message is git's own."""
+
+
 class Git:
     """The few git operations the ratchet needs (GitPython), with errors that say what to do."""
 
@@ -77,13 +81,17 @@ class Git:
 
     def commit_file(self, base: str, path: str, message: str) -> str:
         """Commit `path` as it is in the working tree on top of `base` (the agent's own commits
-        since `base` are squashed into this one); returns the new commit's sha."""
-        if self.head() != base:
-            self._run("reset", "--soft", base)
-        self._run("add", "-A", "--", path)
-        with self.repo.git.custom_environment(**self._identity()):
-            self.repo.git(c="commit.gpgsign=false").commit("--no-verify", "--allow-empty", "-q",
-                                                           "-m", message, "--", path)
+        since `base` are squashed into this one); returns the new commit's sha. Raises GitFailure
+        with git's message."""
+        try:
+            if self.head() != base:
+                self._run("reset", "--soft", base)
+            self._run("add", "-A", "--", path)
+            with self.repo.git.custom_environment(**self._identity()):
+                self.repo.git(c="commit.gpgsign=false").commit("--no-verify", "--allow-empty", "-q",
+                                                               "-m", message, "--", path)
+        except self._git.GitCommandError as exc:
+            raise GitFailure(_git_message(exc)) from None
         return self.head() or ""
 
     def _identity(self) -> dict[str, str]:
@@ -100,11 +108,21 @@ class Git:
 
     def restore(self, branch: str, commit: str) -> None:
         """Put the session branch and the whole working tree exactly on `commit` (ignored files
-        aside): back on the branch if HEAD left it, hard reset, untracked files removed."""
-        if self.branch() != branch:
-            self._run("checkout", "-f", branch)
-        self._run("reset", "-q", "--hard", commit)
-        self._run("clean", "-q", "-f", "-d")
+        aside): back on the branch if HEAD left it, hard reset, untracked files removed. A stale
+        `index.lock` (a git killed mid-way; the caller holds the session lock) is removed first
+        when git refuses because of it."""
+        for attempt in range(2):
+            try:
+                if self.branch() != branch:
+                    self._run("checkout", "-f", branch)
+                self._run("reset", "-q", "--hard", commit)
+                self._run("clean", "-q", "-f", "-d")
+                return
+            except self._git.GitCommandError as exc:
+                if attempt == 0 and self.remove_stale_index_lock():
+                    continue
+                raise GitFailure(f"could not put the tree back on {commit[:7]}: {_git_message(exc)}",
+                                 "fix the repository by hand (`git status`), then `autoresearch session resume`") from None
 
     def resolve(self, rev: str) -> str:
         try:
@@ -140,6 +158,12 @@ class Git:
 
     def checkout(self, ref: str) -> None:
         self._run("checkout", "-q", "-f", ref)
+
+
+def _git_message(exc: Exception) -> str:
+    stderr = getattr(exc, "stderr", "") or str(exc)
+    lines = [line.strip() for line in str(stderr).strip().strip("'").splitlines() if line.strip()]
+    return " ".join(lines)[:300] or str(exc)[:300]
 
 
 def _split(output: str) -> list[str]:

@@ -1,7 +1,9 @@
 """One process at a time works on a repository's session: the lock file and who holds it.
 
 `state_dir/session.lock` holds the holder's pid, host, start time, command and a token. It is
-created with O_EXCL; a lock whose process is dead on this host is stale and taken over. A `try`
+created with O_EXCL; a lock whose process is gone on this host is stale and taken over. "Gone" is
+judged by the pid and the process's own start time, so a lock left by a machine that rebooted is
+not kept alive by an unrelated process that got the same pid. A `try`
 launched by an agent that `loop` started inherits the loop's lock through `AUTORESEARCH_LOCK_TOKEN`,
 so agents may call `try` themselves too.
 """
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.paths import state_dir
-from harness.processes import pid_alive
+from harness.processes import pid_alive, process_start_time, same_process
 from loop.session import now_utc
 from loop.errors import SessionError
 
@@ -32,10 +34,15 @@ class LockHolder:
     started: str
     command: str
     token: str
+    pid_started: float | None = None  # the holder's process start time (epoch seconds)
 
     @property
     def stale(self) -> bool:
-        return self.host == socket.gethostname() and not pid_alive(self.pid)
+        if self.host != socket.gethostname():
+            return False
+        if self.pid_started is None:  # a lock written before start times were recorded
+            return not pid_alive(self.pid)
+        return not same_process(self.pid, self.pid_started, tolerance=1.0)
 
     def describe(self) -> str:
         return f"`{self.command}` (pid {self.pid} on {self.host}, since {self.started})"
@@ -57,8 +64,10 @@ class RepoLock:
     def holder(self) -> LockHolder | None:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
+            started = data.get("pid_started")
             return LockHolder(int(data["pid"]), str(data["host"]), str(data["started"]),
-                              str(data.get("command", "?")), str(data.get("token", "")))
+                              str(data.get("command", "?")), str(data.get("token", "")),
+                              float(started) if isinstance(started, (int, float)) else None)
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -85,6 +94,7 @@ class RepoLock:
                 )
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": now_utc(),
+                           "pid_started": process_start_time(os.getpid()),
                            "command": self.command, "token": self.token}, f)
                 f.flush()
                 os.fsync(f.fileno())

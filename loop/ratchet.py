@@ -45,6 +45,7 @@ agent's edits nor `git clean` touch it): the best is the last `keep` row (else t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -77,8 +78,10 @@ from loop.session import (
     verify_manifest,
 )
 from loop.decide import DEFAULT_MIN_FLOOR, DEFAULT_Z, RULES, decide, noise_floor
-from loop.errors import BaselineFailed, FrozenEvaluatorError, SessionError
-from loop.git import Git
+from loop.errors import BaselineFailed, FrozenEvaluatorError, SessionError, SessionTampered
+from loop.git import Git, GitFailure
+from loop.holdout import holdout_check
+from loop.integrity import ChainCheck, StateSnapshot, anchor, chain_head, check_chain, link
 from loop.journal import (
     clear_journal,
     deferred_interrupt,
@@ -97,6 +100,7 @@ RESULTS_NAME = "results.tsv"
 KILL_AT_ENV = "AUTORESEARCH_TEST_KILL_AT"  # tests: SIGKILL this process at the named point
 INTERRUPTED = "interrupted"
 NO_COMMIT = "-"  # the commit column of a row whose change was never committed
+REFUSED = ("leak", "tampered")  # run outcomes that make an experiment `rejected`
 
 Log = Callable[[str], None]
 
@@ -202,6 +206,9 @@ class Session:
         self.paths = paths
         self.git = git
         self.evaluator: EvaluatorProcess | None = None  # a warm one while `loop` runs (`warm_evaluator`)
+        # The configuration and manifest as this process first read them: a rewrite while it lives
+        # stops the session (a standalone `try` checks them through the ledger's chain instead).
+        self.anchor = anchor(paths.config, paths.manifest)
 
     # -- opening and starting ------------------------------------------------------------------
     @classmethod
@@ -276,14 +283,14 @@ class Session:
             min_floor=float(min_floor), repeats=int(repeats),
             timeout=float(timeout or default_timeout(run.evaluator.TIME_BUDGET)),
             trainer=trainer.relative_to(root).as_posix(), base_commit=base, run=run, created=now_utc(),
-            eval_set=str(eval_set),
+            eval_set=str(eval_set), chained=True,
         )
         previous_branch = git.branch() or base
         save_session_config(config, paths)
         save_manifest(build_manifest(root, config, paths), paths)
         git.create_branch(branch)
         git.ensure_ignored(RESULTS_NAME)
-        session = cls(root, config, paths, git)
+        session = cls(root, config, paths, git)  # anchored on the files just written
         session._adopt_results_file()
         atomic_write_text(active_file(root), json.dumps({"tag": tag}))
         write_journal(paths, {"phase": "baseline"})
@@ -324,8 +331,46 @@ class Session:
         except FileNotFoundError:
             return []
 
-    def standing(self) -> Standing:
+    @property
+    def ledger_copy(self) -> Path:
+        """The ratchet's own second copy of the ledger: what an edited ledger is put back from."""
+        return self.paths.directory / ".ledger-copy.tsv"
+
+    def chain(self) -> ChainCheck:
+        """How much of the ledger verifies (loop.integrity)."""
+        return check_chain(self.rows(), self.anchor, self.config.chained)
+
+    def verified_rows(self) -> list[ResultRow]:
+        """The rows the standing comes from: the ledger's if they verify, else the ratchet's copy's
+        if those do, else the ledger's rows before the first that does not."""
         rows = self.rows()
+        check = check_chain(rows, self.anchor, self.config.chained)
+        if check.broken_at is None:
+            return rows
+        copy = read_rows(self.ledger_copy) if self.ledger_copy.is_file() else []
+        if copy and check_chain(copy, self.anchor, self.config.chained).broken_at is None:
+            return copy
+        return rows[:check.verified]
+
+    def check_ledger(self, log: Log = quiet) -> None:
+        """Put back an edited ledger from the ratchet's copy, or stop when there is nothing to put
+        back from (the configuration or manifest it is anchored on was changed, say)."""
+        check = self.chain()
+        if check.broken_at is None:
+            return
+        copy = read_rows(self.ledger_copy) if self.ledger_copy.is_file() else []
+        if copy and check_chain(copy, self.anchor, self.config.chained).broken_at is None:
+            atomic_write_text(self.paths.ledger, self.ledger_copy.read_text(encoding="utf-8"))
+            self.publish_results()
+            log(f"warning: the ledger was edited ({check.describe()}); put back from the ratchet's copy")
+            return
+        raise SessionTampered(
+            f"the session's ledger does not verify: {check.describe()}",
+            "nothing was run. Put the session's files back as the ratchet wrote them (results.tsv, session.json, "
+            "manifest.json in its folder), or start a new session")
+
+    def standing(self) -> Standing:
+        rows = self.verified_rows()  # an edited row never moves the best or sigma
         baseline = [r.val_bpb for r in rows if r.status == "baseline" and r.scored]
         kept = [r for r in rows if r.status == "keep" and r.scored]
         sigma = statistics.stdev(baseline) if len(baseline) >= 2 else 0.0
@@ -359,19 +404,27 @@ class Session:
         return [m for m in mismatches if not m.in_tree or is_frozen_code(m.path)]
 
     def check_frozen(self, best_commit: str, when: str = "before this experiment") -> None:
+        if anchor(self.paths.config, self.paths.manifest) != self.anchor:
+            raise SessionTampered(f"the session's configuration or manifest was rewritten {when}",
+                                  "a session's evaluator is fixed when it starts; start a new session to change it")
         fatal = self.fatal(self.frozen_mismatches())
         if fatal:
             raise FrozenEvaluatorError(fatal, best_commit, when)
 
     def _append(self, row: ResultRow) -> None:
+        if self.config.chained:
+            row.chain = link(chain_head(self.rows(), self.anchor), row)
         append_row(self.paths.ledger, row)
         self.publish_results()
 
     def publish_results(self) -> None:
-        """Rewrite the repository's results.tsv as a copy of the ledger."""
+        """Rewrite the repository's results.tsv as a copy of the ledger (without its private
+        columns), and the ratchet's own copy when the ledger verifies."""
         if self.paths.ledger.exists():
             text = self.paths.ledger.read_text(encoding="utf-8")
             atomic_write_text(self.root / RESULTS_NAME, without_private_columns(text))
+            if self.config.chained and self.chain().broken_at is None:
+                atomic_write_text(self.ledger_copy, text)
 
     def _row(self, **fields) -> ResultRow:
         run = self.config.run
@@ -395,12 +448,27 @@ class Session:
 
         if self.evaluator is not None and not self.evaluator.alive:
             self.evaluator = None  # it died; this run starts a fresh one of its own
-        return run_experiment(self.root, self.config.backend, self.paths.run_config, log_path,
-                              eval_set=Path(self.config.eval_set), run_dir=self.paths.runs / log_path.stem,
-                              timeout=self.config.timeout, evaluator=self.evaluator, marker=entry["marker"],
-                              compile_cache=self.paths.directory / "compile-cache",
-                              on_start=lambda pid: record_trainer(self.paths, entry, pid),
-                              on_progress=on_progress)
+        snapshot = StateSnapshot.take(self.state_files())
+        outcome = run_experiment(self.root, self.config.backend, self.paths.run_config, log_path,
+                                 eval_set=Path(self.config.eval_set), run_dir=self.paths.runs / log_path.stem,
+                                 timeout=self.config.timeout, evaluator=self.evaluator, marker=entry["marker"],
+                                 compile_cache=self.paths.directory / "compile-cache",
+                                 on_start=lambda pid: record_trainer(self.paths, entry, pid),
+                                 on_progress=on_progress)
+        changed = snapshot.changed()
+        if changed:  # the trainer rewrote the session's own state: put it back, refuse the run
+            snapshot.restore(changed)
+            names = ", ".join(str(p.relative_to(self.root)) if p.is_relative_to(self.root) else p.name for p in changed)
+            outcome = dataclasses.replace(outcome, status="tampered", summary=None,
+                                          reason=f"the run changed the session's state ({names}); put back as it was")
+        return outcome
+
+    def state_files(self) -> list[Path]:
+        """What a run must leave exactly as it found it (the journal aside: the ratchet writes it)."""
+        state = state_dir(self.root)
+        return [self.paths.config, self.paths.run_config, self.paths.manifest, self.paths.ledger, self.ledger_copy,
+                self.paths.loop_state, self.root / RESULTS_NAME, state / "setup.json", state / "evaluator.json",
+                active_file(self.root), state / "session.lock"]
 
     @contextmanager
     def warm_evaluator(self, log: Log = quiet) -> Iterator[None]:
@@ -516,6 +584,7 @@ class Session:
         standing = self.standing()
         best = standing.best_commit
         self.check_frozen(best)
+        self.check_ledger(log)
         # One line: it is both the commit's subject and the results description.
         description = sanitize(description) or "(no description)"
         common = dict(previous_best=standing.best_bpb, noise_floor=standing.floor, sigma=standing.sigma,
@@ -531,6 +600,8 @@ class Session:
             reason = (f"HEAD left the session branch {self.config.branch}; " if off_branch else "") + \
                 (f"changed files other than {self.config.trainer}: {name_list(others)}" if others else "")
             return self._reject(standing, description, reason.strip("; "), common)
+        if not (self.root / self.config.trainer).is_file():
+            return self._reject(standing, description, f"{self.config.trainer} was deleted", common)
 
         sha = self.trainer_sha()
         known = standing.tried.get(sha)
@@ -577,7 +648,11 @@ class Session:
                  "marker": marker, "runs": []}
         with deferred_interrupt():
             write_journal(self.paths, entry)
-            candidate = self.git.commit_file(best, self.config.trainer, description)
+            try:
+                candidate = self.git.commit_file(best, self.config.trainer, description)
+            except GitFailure as exc:  # a staged deletion, a stale lock, a hook: a row, not the end of the night
+                clear_journal(self.paths)
+                return self._reject(standing, description, f"git could not commit the change: {exc}", common)
             entry.update(phase="run", candidate=candidate)
             write_journal(self.paths, entry)
         _test_kill_point("committed")
@@ -601,9 +676,10 @@ class Session:
         failed = next((o for o in outcomes if not o.ok), None)
         if failed is not None:
             which = "the re-run " if len(outcomes) > 1 and outcomes[0].ok else ""
-            kind = "" if failed.status in ("crash", "leak") else f"{failed.status}: "  # timeout, diverged, over budget
-            # A model that read the evaluator's data is not a crash of the code: it is refused.
-            verdict, reason = ("rejected" if failed.status == "leak" else "crash"), f"{which}{kind}{failed.reason}"
+            kind = "" if failed.status in ("crash",) + REFUSED else f"{failed.status}: "  # timeout, diverged, over budget
+            # A model that read the evaluator's data, or a run that tampered with the session, is not a
+            # crash of the code: it is refused.
+            verdict, reason = ("rejected" if failed.status in REFUSED else "crash"), f"{which}{kind}{failed.reason}"
         changed_frozen = self.frozen_mismatches()
         if changed_frozen:
             verdict = "rejected"
@@ -633,6 +709,8 @@ class Session:
     # -- status and end ------------------------------------------------------------------------
     def status(self) -> dict:
         standing = self.standing()
+        chain = self.chain()
+        check = holdout_check(standing.rows, standing.floor)
         counts: dict[str, int] = {}
         for row in standing.rows:
             counts[row.status] = counts.get(row.status, 0) + 1
@@ -653,6 +731,10 @@ class Session:
             "busy": None if holder is None or holder.stale or holder.pid == os.getpid() else holder.describe(),
             "loop": read_loop_state(self.paths),
             "results": str(self.paths.ledger),
+            "ledger": {"verified": chain.broken_at is None, "verified_rows": chain.verified, "rows": chain.total,
+                       "detail": chain.describe()},
+            "holdout": check.to_dict() if check else None,
+            "holdout_detail": check.describe() if check else "no holdout recorded",
         }
 
     def end(self) -> dict:
@@ -664,6 +746,12 @@ class Session:
             write_loop_state(self.paths, {**plan, "state": "ended"})
         active_file(self.root).unlink(missing_ok=True)
         return status
+
+    # -- for a head that judges experiments run elsewhere (loop.parallel) -------------------------
+    def record(self, row: ResultRow) -> None:
+        """Append a judged row to the ledger (chained) and refresh its copies; Ctrl-C waits."""
+        with deferred_interrupt():
+            self._append(row)
 
 
 def _mean(values: list) -> float | None:

@@ -28,7 +28,7 @@ from harness.files import fsync_dir
 UPSTREAM_COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description")
 RESULT_COLUMNS = UPSTREAM_COLUMNS + (
     "timestamp", "seconds", "num_steps", "tokens_per_sec", "backend", "device", "preset",
-    "best_bpb", "noise_sigma", "reason", "trainer_sha", "holdout_bpb",
+    "best_bpb", "noise_sigma", "reason", "trainer_sha", "holdout_bpb", "chain", "worker", "node",
 )
 # keep|discard|crash are upstream's; `rejected`: the change touched a frozen file (never run);
 # `baseline`: one of the session's repeats of the unchanged trainer that measure the noise floor.
@@ -73,6 +73,9 @@ class ResultRow:
     reason: str = ""  # why a crash crashed or a rejection was rejected
     trainer_sha: str = ""
     holdout_bpb: float | None = None  # the evaluator's score on the holdout (PRIVATE_COLUMNS)
+    chain: str = ""  # SHA-256 linking this row to the one before (loop.integrity)
+    worker: str = ""  # the parallel loop's worker that ran it (loop.parallel); "" when run in-process
+    node: str = ""  # the machine that worker ran on
 
     def __post_init__(self) -> None:
         self.val_bpb = float(self.val_bpb if self.val_bpb is not None else 0.0)
@@ -81,7 +84,7 @@ class ResultRow:
         self.status = sanitize(self.status, 20).lower()
         self.description = sanitize(self.description)
         self.reason = sanitize(self.reason, _REASON_LIMIT)
-        for name in ("timestamp", "backend", "device", "preset", "trainer_sha"):
+        for name in ("timestamp", "backend", "device", "preset", "trainer_sha", "worker", "node"):
             setattr(self, name, sanitize(getattr(self, name), 80))
         if self.status in NOT_SCORED:  # upstream's placeholders for a run that produced no score
             self.val_bpb, self.memory_gb = 0.0, 0.0
@@ -113,6 +116,9 @@ class ResultRow:
             "reason": self.reason,
             "trainer_sha": self.trainer_sha,
             "holdout_bpb": _fmt(self.holdout_bpb, ".6f"),
+            "chain": self.chain,
+            "worker": self.worker,
+            "node": self.node,
         }
 
 

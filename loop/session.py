@@ -63,6 +63,7 @@ class SessionConfig:
     run: RunConfig
     created: str = ""
     eval_set: str = ""  # the evaluator's data (harness.scoring.evalset), out of the trainer's reach
+    chained: bool = False  # ledger rows carry a hash chain (loop.integrity); False in older sessions
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -152,15 +153,16 @@ def _files_under(directory: Path) -> list[Path]:
 
 def frozen_files(root: Path, config: SessionConfig, paths: SessionPaths) -> dict[str, Path]:
     """Every file the manifest pins, by the name a mismatch reports: a path relative to the
-    repository for files in it, an absolute path for the rest."""
+    repository for files in it (the session's own files too: a repository copied with its state
+    still verifies), an absolute path for the rest."""
     files: dict[str, Path] = {}
     for name in MANIFEST_DIRS:
         for path in _files_under(root / name):
             files[path.relative_to(root).as_posix()] = path
     for name in MANIFEST_FILES:
         files[name] = root / name
-    files[str(paths.config)] = paths.config
-    files[str(paths.run_config)] = paths.run_config
+    for path in (paths.config, paths.run_config):
+        files[path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)] = path
     for path in _files_under(Path(config.run.tokenizer_dir)):  # tokenizer + token byte table
         files[str(path)] = path
     if config.eval_set:
@@ -199,6 +201,14 @@ def load_manifest(paths: SessionPaths) -> dict[str, str | None]:
     return json.loads(paths.manifest.read_text(encoding="utf-8"))
 
 
+def _in_tree(root: Path, name: str) -> bool:
+    """Whether git can restore a manifest entry: relative, and not in the state folder."""
+    if os.path.isabs(name):
+        return False
+    state = state_dir(root)
+    return not (root / name).is_relative_to(state)
+
+
 @dataclass(frozen=True)
 class Mismatch:
     """A frozen file that is not what it was when the session started."""
@@ -222,5 +232,5 @@ def verify_manifest(root: Path, config: SessionConfig, paths: SessionPaths) -> l
         if before == after:
             continue
         problem = "added" if before is None else "missing" if after is None else "changed"
-        mismatches.append(Mismatch(name, problem, not os.path.isabs(name)))
+        mismatches.append(Mismatch(name, problem, _in_tree(root, name)))
     return mismatches

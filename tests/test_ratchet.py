@@ -245,7 +245,7 @@ def test_editing_the_harness_stops_the_session_naming_the_file(session):
     original = config.read_text()
     config.write_text(original.replace('"rule": "noise"', '"rule": "strict"'))
     result = cli(session, "try", "-m", "anything")
-    assert result.returncode == 3 and f"{config} (changed)" in result.stderr
+    assert result.returncode == 3 and f"{config.relative_to(session)} (changed)" in result.stderr
     config.write_text(original)
     assert_clean_on_branch(session)
 

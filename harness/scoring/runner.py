@@ -62,7 +62,7 @@ __all__ = ["RunOutcome", "run_experiment", "evaluate_run", "format_summary", "MA
 
 @dataclass
 class RunOutcome:
-    status: str  # "ok", "crash", "timeout", "diverged", "over budget" or "leak"
+    status: str  # "ok", "crash", "timeout", "diverged", "over budget", "leak" or "tampered"
     reason: str
     summary: dict | None
     returncode: int | None
@@ -163,6 +163,10 @@ def run_experiment(
                                       f"{ev.WARMUP_ALLOWANCE:g} s (the runner's clock, not the trainer's)")
     if ended == "limit":
         return outcome("timeout", f"timed out after {timeout:.0f} s (killed)")
+    planted = remove_bytecode(root)  # nothing of ours writes bytecode there: the trainer did
+    if planted:
+        names = ", ".join(str(p.relative_to(root)) for p in planted)
+        return outcome("tampered", f"the trainer wrote bytecode beside the harness ({names}); removed")
     log_text = log_path.read_text(errors="replace") if log_path.exists() else ""
     failure = judge_exit(proc.returncode, log_text)
     if failure is not None:
