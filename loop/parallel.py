@@ -36,6 +36,7 @@ import os
 import random
 import re
 import secrets
+import shutil
 import socket
 import statistics
 import subprocess
@@ -52,16 +53,18 @@ from harness.scoring.runner import FRAMEWORK_OF, MARKER_ENV
 from loop.agents import build_prompt, facts_from_rows, memory_ceiling_gb, mutate, run_agent
 from loop.cluster import Cluster, kill_recorded, start_cluster, worker_env, worker_resources
 from loop.decide import decide
-from loop.driver import MUTATE, MUTATE_ATTEMPTS, LoopPlan
+from loop.driver import MAX_AGENT_FAILURES, MUTATE, MUTATE_ATTEMPTS, LoopPlan
 from loop.errors import FrozenEvaluatorError, SessionError
 from loop.journal import deferred_interrupt, write_loop_state
 from loop.ratchet import INTERRUPTED, KILL_AT_ENV, NO_COMMIT, REFUSED, Log, Session, TryResult, name_list, quiet
 from loop.results import RESULT_COLUMNS, ResultRow, sanitize
 from loop.session import SessionPaths, load_manifest
+from loop import workers
 from loop.workers import ExperimentWorker, SessionPackage
 from loop.worktrees import WORKTREES_DIR, Worktrees
 
 IN_FLIGHT_FILE = "parallel.json"
+SHIP_TREE_ENV = "AUTORESEARCH_TEST_SHIP_TREE"  # tests: local workers work as on another node (tree shipped)
 WORKER_LOST = "worker lost"
 MAX_REAPPLY = 3  # re-applications onto a moved best before a candidate is discarded as stale
 START_TIMEOUT_S = 600.0  # placing a worker and warming its evaluator
@@ -199,6 +202,7 @@ class ParallelLoop:
         self.seconds_before = plan.seconds
         self.last_state_write = 0.0
         self.memory_ceiling: float | None = None
+        self.agent_failures = 0  # agent calls in a row that failed and changed nothing
         self.ledger_has_worker = True
         self._standing_key: tuple | None = None
         self._standing_value = None
@@ -241,6 +245,7 @@ class ParallelLoop:
                     break
                 self._collect(ray_module)
             plan.state = "finished"
+            plan.seconds = self._elapsed()
             return self._why_stopped()
         except KeyboardInterrupt:
             plan.state = "stopped"
@@ -308,7 +313,8 @@ class ParallelLoop:
         self.log(f"{options.workers} worker(s) " + (f"on the Ray cluster at {options.address}" if not local
                                                     else "on a local Ray cluster") + f": {resources.reason}")
         package = session_package(session, options.warm_evaluator)
-        archive = None if local else ray.put(_archive(session.root, best))
+        self.ship = not local or os.environ.get(SHIP_TREE_ENV) == "1"
+        archive = ray.put(_archive(session.root, best)) if self.ship else None
         remote = ray.remote(options.worker_class)
         self._remote, self._package, self._archive, self._resources = remote, package, archive, resources
         for index in range(1, options.workers + 1):
@@ -336,7 +342,8 @@ class ParallelLoop:
     def _start_worker(self, slot: Slot) -> None:
         resources = self._resources
         slot.actor = self._remote.options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, max_concurrency=2,
-                                          max_restarts=0).remote(slot.name, self._package, str(slot.path), self._archive)
+                                          max_restarts=0).remote(slot.name, self._package,
+                                                                 None if self.ship else str(slot.path), self._archive)
         slot.busy, slot.state = "starting", {}
         self.pending[slot.actor.prepare.remote()] = (slot.name, "")
 
@@ -362,6 +369,7 @@ class ParallelLoop:
 
     def _stop_pool(self) -> None:
         if self.executor is not None:
+            self._stop_agents()
             self.executor.shutdown(wait=True, cancel_futures=True)
         try:
             import ray
@@ -383,6 +391,7 @@ class ParallelLoop:
         if self.cluster is not None:
             self.cluster.shutdown()
         self.worktrees.remove_all()
+        shutil.rmtree(node_folder(self.session), ignore_errors=True)  # trees shipped to workers on this machine
         if not self.experiments:
             in_flight_path(self.session.paths).unlink(missing_ok=True)
         else:
@@ -467,22 +476,32 @@ class ParallelLoop:
         if outcome.timed_out:
             self.log(f"  the agent ran past {self.plan.agent_timeout:g} s and was stopped; trying what it left")
         descriptions = wave_descriptions(outcome.output) if len(slots) > 1 else {}
+        best = self.standing().best_commit
+        changed = any(self.worktrees.changes_since(self.slots[name].path, best) for name in slots)
+        if outcome.returncode in (0, None) or changed:
+            self.agent_failures = 0
+        else:
+            self.agent_failures += 1
+            detail = (outcome.stderr or outcome.output).strip().splitlines()[-1:] or [""]
+            self.log(f"  the agent exited with {outcome.returncode} and changed nothing: {detail[0][:200]}")
+            if outcome.returncode == 127 or self.agent_failures >= MAX_AGENT_FAILURES:
+                raise SessionError(f"the agent command failed {self.agent_failures} time(s) in a row "
+                                   f"(exit {outcome.returncode}): {detail[0][:200]}",
+                                   "check the --agent command line by running it by hand")
         for name in slots:
             slot = self.slots[name]
             slot.busy = ""
-            description = descriptions.get(name) or outcome.description or "change by the agent"
-            if outcome.returncode == 127:
-                raise SessionError(f"the agent command was not found (exit 127): {outcome.stderr.strip()[:200]}",
-                                   "check the --agent command line by running it by hand")
-            self._submit(slot, description)
+            self._submit(slot, descriptions.get(name) or outcome.description or "change by the agent")
 
     def _propose_mutation(self, slot: Slot) -> None:
         standing = self.standing()
         taken = set(standing.tried) | {e.trainer_sha for e in self.experiments.values()}
         trainer = slot.path / self.trainer
         description = ""
+        self.worktrees.reset(slot.path, standing.best_commit)
+        best_text = trainer.read_bytes()
         for _ in range(MUTATE_ATTEMPTS):
-            self.worktrees.reset(slot.path, standing.best_commit)
+            trainer.write_bytes(best_text)  # a redraw starts from the best trainer again
             try:
                 description = mutate(trainer, self.rng, max_seq_len=self.session.config.run.evaluator.MAX_SEQ_LEN)
             except ValueError as exc:
@@ -600,6 +619,8 @@ class ParallelLoop:
 
     def _idle_work(self) -> bool:
         """Whether a free worker could start something right now (then the head does not wait)."""
+        if self.executor is None:  # still starting the pool: nothing is proposed yet
+            return False
         if not any(s.usable and not s.busy for s in self.slots.values()):
             return False
         return bool(self.queue) or (self._may_propose() and (self.plan.agent == MUTATE or not self.options.wave))
@@ -733,9 +754,8 @@ class ParallelLoop:
             if verdict == "keep":
                 session.git.restore(session.config.branch, target)
             session.record(row)
-            if final:
+            if final:  # the file says so at its next write; until then, recovery finds the row in the ledger
                 self.experiments.pop(item.id, None)
-            self._save()
         scored = verdict in ("keep", "discard") and value is not None
         self.emit(TryResult(verdict, value if scored else None, new_best, previous_best=standing.best_bpb,
                             noise_floor=standing.floor, sigma=standing.sigma, commit=item.commit[:7], reason=reason,
@@ -761,6 +781,19 @@ class ParallelLoop:
             self.experiments.clear()
             self._save()
 
+    def _stop_agents(self) -> None:
+        """Agent calls still running (Ctrl-C, an error): their processes run in the worktrees."""
+        import psutil
+
+        from harness.processes import kill_pid_tree
+
+        for child in psutil.Process().children():
+            try:
+                if Path(child.cwd()).is_relative_to(self.worktrees.folder):
+                    kill_pid_tree(child.pid)
+            except (psutil.Error, OSError):
+                continue
+
     def _stop_workers(self) -> None:
         try:
             import ray
@@ -778,14 +811,15 @@ class ParallelLoop:
 
     # -- what is shown and saved ----------------------------------------------------------------------------
     def _poll_states(self, ray) -> None:
-        if time.monotonic() - self.last_poll < POLL_S:
+        # Once a second, less often for a large pool: a live view, not worth the head's time.
+        if time.monotonic() - self.last_poll < POLL_S * max(1.0, len(self.slots) / 8):
             return
         self.last_poll = time.monotonic()
         busy = [s for s in self.slots.values() if s.usable and s.busy and s.busy not in ("starting", "proposing")]
         if busy:
             refs = {s.name: s.actor.state.remote() for s in busy}
             try:
-                ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=0.5)
+                ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=0.2)
                 done = set(ready)
                 for name, ref in refs.items():
                     if ref in done:
@@ -821,9 +855,10 @@ class ParallelLoop:
                                  "usable": s.usable, "refusal": s.refusal, "phase": s.state.get("phase", ""),
                                  "line": s.state.get("line", ""), "trainer_pid": s.state.get("trainer_pid")}
                         for s in self.slots.values()},
-            "experiments": [asdict(e) for e in self.experiments.values()],
+            # What recovery and `session status` read (not the runs' summaries: a verdict carries its row).
+            "experiments": [{k: v for k, v in vars(e).items() if k != "summaries"} for e in self.experiments.values()],
         }
-        atomic_write_text(in_flight_path(self.session.paths), json.dumps(data, indent=1, sort_keys=True))
+        atomic_write_text(in_flight_path(self.session.paths), json.dumps(data, sort_keys=True))
 
 
 # -- prompts --------------------------------------------------------------------------------------------
@@ -907,9 +942,15 @@ def recover_parallel(session: Session, log: Log = quiet) -> list[ResultRow]:
             kill_marked_processes(item.marker, MARKER_ENV)
     rows = finish_in_flight(session, items, "the head died", log)
     worktrees.remove_all()
+    shutil.rmtree(node_folder(session), ignore_errors=True)
     session.git.restore(session.config.branch, session.standing().best_commit)
     in_flight_path(paths).unlink(missing_ok=True)
     return rows
+
+
+def node_folder(session: Session) -> Path:
+    """Where workers on this machine keep the trees the head shipped them (`loop.workers`)."""
+    return workers.node_folder(cache_dir(), session.config.tag, str(session.paths.directory))
 
 
 def _in_ledger(session: Session, row: ResultRow) -> bool:

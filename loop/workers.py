@@ -131,6 +131,11 @@ def _code_files(tree: Path) -> list[Path]:
     return sorted(found)
 
 
+def node_folder(cache: Path, tag: str, session_dir: str) -> Path:
+    """Where the workers of one session keep, on a node, the trees the head ships them."""
+    return cache / "workers" / f"{tag}-{sha256_bytes(session_dir.encode('utf-8'))[:8]}"
+
+
 def materialise(archive: bytes, dest: Path) -> Path:
     """Unpack a `git archive` (tar) of the session's commit into `dest`, replacing what was there."""
     import shutil
@@ -156,7 +161,7 @@ class ExperimentWorker:
         from harness.paths import cache_dir
 
         self.node_cache = cache_dir()
-        node_dir = self.node_cache / "workers" / package.tag / slot
+        node_dir = self.node_dir = node_folder(self.node_cache, package.tag, package.session_dir) / slot
         if self.local:
             self.tree = Path(tree)
             self.session_dir = Path(package.session_dir)
@@ -237,6 +242,10 @@ class ExperimentWorker:
         if self.evaluator is not None:
             self.evaluator.close()
             self.evaluator = None
+        if not self.local:  # its copy of the tree and its run folders: the head has the logs
+            import shutil
+
+            shutil.rmtree(self.node_dir, ignore_errors=True)
 
     # -- inside ----------------------------------------------------------------------------------------
     def _set(self, **changes) -> None:

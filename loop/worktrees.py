@@ -70,21 +70,33 @@ class Worktrees:
         shutil.rmtree(self.folder, ignore_errors=True)
         _git(self.root, "worktree", "prune", check=False)
 
-    # -- what the head does in a worktree -----------------------------------------------------------
+    # -- what the head does in a worktree (the fewest git processes: the head does it per experiment) --
     @staticmethod
     def reset(path: Path, commit: str) -> None:
-        """The worktree exactly at `commit`: tracked files reset, untracked ones removed."""
+        """The worktree exactly at `commit`, detached: tracked files and the index as the commit
+        has them (local changes thrown away), untracked files removed, ignored ones kept."""
         _git(path, "checkout", "-q", "--detach", "-f", commit)
-        _git(path, "reset", "-q", "--hard", commit)
         _git(path, "clean", "-q", "-f", "-d")
 
     @staticmethod
     def head(path: Path) -> str:
+        """The commit checked out, read from the worktree's own HEAD file (a detached HEAD holds the
+        sha); git is asked only when it names a branch (an agent checked one out)."""
+        try:
+            gitdir = Path((path / ".git").read_text(encoding="utf-8").split("gitdir:", 1)[1].strip())
+            text = (gitdir if gitdir.is_absolute() else path / gitdir).joinpath("HEAD").read_text().strip()
+            if len(text) == 40 and all(c in "0123456789abcdef" for c in text):
+                return text
+        except (OSError, IndexError):
+            pass
         return _git(path, "rev-parse", "HEAD").stdout.strip()
 
     @staticmethod
     def changes_since(path: Path, commit: str) -> list[str]:
         """Paths where the worktree differs from `commit` (committed or not, untracked included)."""
+        if Worktrees.head(path) == commit:  # one `git status` tells both
+            out = _git(path, "status", "--porcelain=v1", "-z", "--untracked-files=all", "--no-renames").stdout
+            return sorted({entry[3:] for entry in out.split("\0") if len(entry) > 3})
         changed = _git(path, "diff", "--name-only", "--no-renames", "-z", commit).stdout.split("\0")
         untracked = _git(path, "ls-files", "--others", "--exclude-standard", "-z").stdout.split("\0")
         return sorted({p for p in changed + untracked if p})
@@ -93,7 +105,7 @@ class Worktrees:
         """Commit `file` as it is in the worktree on top of `base` (an agent's own commits squashed)."""
         if Worktrees.head(path) != base:
             _git(path, "reset", "-q", "--soft", base)
-        _git(path, "add", "-A", "--", file)
+            _git(path, "add", "-A", "--", file)
         _git(path, *self.identity, "commit", "--no-verify", "--allow-empty", "-q", "-m", message, "--", file)
         return Worktrees.head(path)
 

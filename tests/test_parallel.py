@@ -22,7 +22,7 @@ from harness.files import sha256_file
 from loop.cluster import worker_resources
 from loop.integrity import anchor, check_chain
 from loop.parallel import in_flight_path, wave_descriptions, with_in_flight
-from loop.workers import SessionPackage, localise, verify_node
+from loop.workers import SessionPackage, localise, node_folder, verify_node
 from loop.worktrees import Worktrees
 
 ray = pytest.importorskip("ray", reason="the parallel loop needs the [ray] extra")
@@ -128,18 +128,30 @@ import sys, time
 from pathlib import Path
 
 plan = dict(arg.split("=", 1) for arg in sys.argv[1:])  # worktree name -> NAME=VALUE[@delay]
-change = plan.get(Path.cwd().name)
-if change is None:
+prompt = sys.stdin.read()
+
+
+def change(folder, what):
+    what, _, delay = what.partition("@")
+    time.sleep(float(delay or 0))
+    name, value = what.split("=")
+    trainer = folder / "backends/cuda/train.py"
+    lines = [f"{name} = {value}  # set by the agent" if line.startswith(f"{name} = ") else line
+             for line in trainer.read_text().splitlines()]
+    trainer.write_text("\\n".join(lines) + "\\n")
+    return f"{name} -> {value}"
+
+
+here = Path.cwd()
+if here.name == "worktrees":  # a wave: one call, one change per worktree the prompt lists
+    assert "This call is a wave" in prompt, prompt[-500:]
+    for slot, what in plan.items():
+        assert str(here / slot / "backends/cuda/train.py") in prompt
+        print(f"{slot}: {change(here / slot, what)}")
+elif here.name in plan:
+    print(change(here, plan[here.name]))
+else:
     print("nothing to do here")
-    sys.exit(0)
-change, _, delay = change.partition("@")
-time.sleep(float(delay or 0))
-name, value = change.split("=")
-trainer = Path("backends/cuda/train.py")
-lines = [f"{name} = {value}  # set by the agent" if line.startswith(f"{name} = ") else line
-         for line in trainer.read_text().splitlines()]
-trainer.write_text("\\n".join(lines) + "\\n")
-print(f"{name} -> {value}")
 """
 
 
@@ -172,26 +184,31 @@ def test_a_candidate_whose_base_went_stale_is_reapplied_and_run_again_or_discard
     assert_consistent(session)
 
 
-def test_a_worker_killed_mid_run_gives_one_worker_lost_crash_and_one_retry_elsewhere(session):
-    loop = subprocess.Popen([sys.executable, "-m", "autoresearch", "loop", "--agent", "mutate", "--workers", "2",
-                             "--max", "2", "--seed", "3"], cwd=session, env=cli_env(session),
+def test_a_worker_killed_mid_run_gives_one_worker_lost_crash_and_one_retry_elsewhere(session, tmp_path):
+    """The two candidates come from one agent call (a wave); while they run, `session status`
+    lists them with their workers; then one worker is killed."""
+    agent = tmp_path / "agent.py"
+    agent.write_text(AGENT)
+    command = f'"{sys.executable}" "{agent}" w1=LOGIT_SCALE=0.6 w2=SMOOTHING=2.0'
+    loop = subprocess.Popen([sys.executable, "-m", "autoresearch", "loop", "--agent", command, "--wave",
+                             "--workers", "2", "--max", "2"], cwd=session, env=cli_env(session),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    path = in_flight_path(session_paths(session))
-    victim = None
-    deadline = time.monotonic() + 120
-    while victim is None and time.monotonic() < deadline and loop.poll() is None:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            data = {}
-        for slot, worker in data.get("workers", {}).items():
-            if worker.get("phase") == "training" and worker.get("pid"):
-                victim = (slot, worker["pid"])
+    try:
+        listed: list[str] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and loop.poll() is None:
+            status = cli(session, "session", "status", "--json")
+            listed = json.loads(status.stdout)["experiments_in_flight"] if status.returncode == 0 else []
+            if len(listed) == 2 and all(" training " in line for line in listed):
                 break
-        time.sleep(0.1)
-    assert victim is not None, "no worker was seen training"
-    os.kill(victim[1], signal.SIGKILL)
-    stdout, stderr = loop.communicate(timeout=180)
+            time.sleep(0.2)
+        assert len(listed) == 2 and all(" training " in line for line in listed), listed
+        assert {line.split("(")[1].split()[0] for line in listed} == {"w1", "w2"}
+        data = json.loads(in_flight_path(session_paths(session)).read_text())
+        victim = next((slot, w["pid"]) for slot, w in data["workers"].items() if w["phase"] == "training")
+        os.kill(victim[1], signal.SIGKILL)
+    finally:
+        stdout, stderr = loop.communicate(timeout=180)
     assert loop.returncode == 0, stderr
 
     rows = experiments(session)
@@ -203,18 +220,18 @@ def test_a_worker_killed_mid_run_gives_one_worker_lost_crash_and_one_retry_elsew
     assert retries[0].worker != victim[0]  # elsewhere
     assert retries[0].trainer_sha == lost[0].trainer_sha
     assert len(rows) == 3  # two experiments, one of them twice
+    assert {r.description for r in rows} == {"LOGIT_SCALE -> 0.6", "SMOOTHING -> 2.0"}  # the wave's lines
+    assert [p.name for p in session_paths(session).logs.glob("agent-*.log")] == ["agent-0003-w1-w2.log"]
     assert_consistent(session)
 
 
-@pytest.mark.parametrize("point", ["training", "decided"])
-def test_the_head_killed_then_resumed_loses_no_row_and_leaves_nothing_running(session, point):
+def test_the_head_killed_mid_run_then_resumed_loses_no_row_and_leaves_nothing_running(session):
     before = ledger(session)
     killed = cli(session, "loop", "--agent", "mutate", "--workers", "2", "--max", "2", "--seed", "5",
-                 AUTORESEARCH_TEST_KILL_AT=f"parallel-{point}", timeout=180)
+                 AUTORESEARCH_TEST_KILL_AT="parallel-training", timeout=180)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     left = json.loads(in_flight_path(session_paths(session)).read_text())
-    markers = [e["marker"] for e in left["experiments"]]
-    assert markers
+    assert len(left["experiments"]) == 2 and left["cluster"]["processes"]
 
     resumed = cli(session, "session", "resume", timeout=240)
     assert resumed.returncode == 0, resumed.stderr
@@ -223,35 +240,40 @@ def test_the_head_killed_then_resumed_loses_no_row_and_leaves_nothing_running(se
     assert rows[:len(before)] == before
     new = rows[len(before):]
     interrupted = [r for r in new if r.reason.startswith("interrupted")]
-    if point == "training":  # both experiments were in flight: recorded, never scored, then two more
-        assert len(interrupted) == 2 and len(new) == 4, [(r.status, r.reason) for r in new]
-    else:  # the decided verdict is appended once; the other was still running
-        assert len(interrupted) == 1 and len(new) == 4, [(r.status, r.reason) for r in new]
-    assert all(r.status in ("keep", "discard") for r in new if r not in interrupted)
+    # Both were in flight: recorded as crashes, never scored; then the loop ran its two iterations.
+    assert len(interrupted) == 2 and len(new) == 4, [(r.status, r.reason) for r in new]
+    assert all(r.status == "crash" and r.worker for r in interrupted)
+    assert all(r.status in ("keep", "discard") for r in new[2:])
     state = json.loads(session_paths(session).loop_state.read_text())
     assert state["state"] == "finished" and state["done"] == 2
     assert_consistent(session)
 
 
-def test_session_status_lists_the_experiments_in_flight(session):
-    loop = subprocess.Popen([sys.executable, "-m", "autoresearch", "loop", "--agent", "mutate", "--workers", "2",
-                             "--max", "2", "--seed", "9"], cwd=session, env=cli_env(session),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        listed: list[str] = []
-        while time.monotonic() < deadline and loop.poll() is None:
-            status = cli(session, "session", "status", "--json")
-            listed = json.loads(status.stdout)["experiments_in_flight"] if status.returncode == 0 else []
-            if len(listed) == 2 and all("training" in line for line in listed):
-                break
-            time.sleep(0.3)
-        assert len(listed) == 2 and all("training" in line for line in listed), listed
-        text = cli(session, "session", "status").stdout
-        assert "in flight:" in text and "w1 on" in text and "w2 on" in text
-    finally:
-        loop.communicate(timeout=180)
-    assert loop.returncode == 0
+def test_the_head_killed_after_a_verdict_then_resumed_records_it_once(session, test_cache):
+    """The workers here run as they would on another node: from a copy of the session's tree the
+    head sends them (not a worktree), writing their logs into their own folder."""
+    before = ledger(session)
+    killed = cli(session, "loop", "--agent", "mutate", "--workers", "2", "--max", "2", "--seed", "5",
+                 AUTORESEARCH_TEST_KILL_AT="parallel-decided", AUTORESEARCH_TEST_SHIP_TREE="1", timeout=180)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = json.loads(in_flight_path(session_paths(session)).read_text())
+    decided = [e for e in left["experiments"] if e["state"] == "decided"]
+    assert len(decided) == 1 and ledger(session) == before  # journaled, not yet appended
+    shipped = session_paths(session).logs / f"{decided[0]['number']:04d}-{decided[0]['commit'][:7]}-{decided[0]['slot']}.log"
+    assert "val_bpb:" in shipped.read_text()  # its log came back with its result
+    shipped_trees = node_folder(test_cache, TAG, str(session_paths(session).directory))
+    assert (shipped_trees / decided[0]["slot"] / "tree" / TRAINER).is_file()
+
+    resumed = cli(session, "session", "resume", "--no-loop", timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    again = cli(session, "session", "resume", "--no-loop")
+    assert "nothing was in flight" in again.stderr
+    new = ledger(session)[len(before):]
+    assert [r.description for r in new if r.description == decided[0]["description"]] == [decided[0]["description"]]
+    assert new[0].status == decided[0]["row"]["status"] and not new[0].reason.startswith("interrupted")
+    assert len(new) == len(left["experiments"])  # the other one, if any, as interrupted
+    assert all(r.reason.startswith("interrupted") for r in new[1:])
+    assert not shipped_trees.exists()
     assert_consistent(session)
 
 
