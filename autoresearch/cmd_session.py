@@ -265,16 +265,20 @@ def loop(
 
     if not agent.strip():
         fail("--agent is empty", "pass an agent command line, e.g. --agent 'claude -p', or --agent mutate")
+    parallel = _parallel(workers, ray_address, wave)
     with _guarded(f"autoresearch loop --agent {agent}") as lock:
         session = Session.active(_root())
         plan = LoopPlan(agent=agent.strip(), max_iterations=max_iterations, hours=hours,
                         agent_timeout=agent_timeout, seed=seed)
-        _loop(session, plan, json_output, lock.token, parallel=_parallel(workers, ray_address, wave))
+        _loop(session, plan, json_output, lock.token, parallel=parallel)
 
 
 def _parallel(workers: int, address: str | None, wave: bool):
     """The parallel loop's options, or None for the one-worker loop (no Ray involved)."""
     if workers == 1 and not address:
+        if wave:
+            fail("--wave needs more than one worker", "add --workers N (one proposal per worker, N of them per agent call)",
+                 code=2)
         return None
     from loop.parallel import ParallelOptions
 

@@ -23,6 +23,7 @@ import argparse
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,7 +63,7 @@ class SleepingWorker(ExperimentWorker):
                 score += 0.02 * math.log(value / best) ** 2
         summary = {"val_bpb": score, "holdout_bpb": score + 0.004, "num_steps": 100, "tokens_per_sec": 1.0,
                    "peak_vram_mb": 512.0, "device": "cpu"}
-        return self._result("ok", "", summary=summary, seconds=budget)
+        return self._result("ok", "", summary=summary, seconds=budget, ended=time.time())
 
 
 def sh(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -102,6 +103,8 @@ def measure(template: Path, scratch: Path, workers: int, rounds: int, budget: fl
     shutil.copytree(template, root, symlinks=True)
     os.environ["AUTORESEARCH_ROOT"] = str(root)
     busy: dict[str, float] = defaultdict(float)
+    ended: dict[str, float] = {}  # slot -> when its worker's last experiment ended
+    gaps: list[float] = []  # a worker's wait from the end of one experiment to the start of its next
     mutate = loop.parallel.mutate
 
     def timed_mutate(*args, **kwargs):  # the proposer itself, apart from what the head does around it
@@ -132,7 +135,14 @@ def measure(template: Path, scratch: Path, workers: int, rounds: int, budget: fl
             super()._propose_mutation(slot)
             busy["git + dispatch"] += time.monotonic() - start
 
+        def _dispatch(self, slot, item, fresh=False):
+            super()._dispatch(slot, item, fresh)
+            if slot.name in ended:  # how long this worker waited for its next experiment
+                gaps.append(time.time() - ended.pop(slot.name))
+
         def _finished(self, ray, ref, slot, ident):
+            if ident:
+                ended[slot.name] = ray.get(ref)["ended"]
             start = time.monotonic()
             super()._finished(ray, ref, slot, ident)
             if ident:
@@ -166,7 +176,7 @@ def measure(template: Path, scratch: Path, workers: int, rounds: int, budget: fl
     loop.parallel.mutate = mutate
     shutil.rmtree(root, ignore_errors=True)
     return {"workers": workers, "experiments": len(experiments), "wall": wall, "start": TimedLoop.ready_at - started,
-            "busy": dict(busy), "statuses": dict(statuses), "reapplied": reapplied, "stale": stale,
+            "busy": dict(busy), "statuses": dict(statuses), "reapplied": reapplied, "stale": stale, "gaps": gaps,
             "proposals": len(rows)}
 
 
@@ -192,8 +202,8 @@ def main() -> None:
         make_session(template, args.budget, env)
         print(f"(session set up and its baseline measured by the real trainer in {time.monotonic() - setup_start:.0f} s)\n",
               flush=True)
-        print(f"{'W':>3} {'exps':>5} {'wall s':>7} {'exp/h':>8} {'ideal':>8} {'of ideal':>8} {'head ms/exp':>12}  "
-              "verdicts; where the head's time went (ms/exp)")
+        print(f"{'W':>3} {'exps':>5} {'wall s':>7} {'exp/h':>8} {'ideal':>8} {'of ideal':>8} {'head ms/exp':>12} "
+              f"{'wait ms':>8}  verdicts; where the head's time went (ms/exp)")
         results = []
         for workers in counts:
             result = measure(template, scratch, workers, args.rounds, args.budget)
@@ -202,16 +212,22 @@ def main() -> None:
             rate = n / result["wall"] * 3600
             ideal = workers * 3600 / args.budget
             head = sum(result["busy"].values()) / n * 1000
+            wait = statistics.fmean(result["gaps"]) * 1000 if result["gaps"] else float("nan")
             verdicts = ", ".join(f"{k} {v}" for k, v in sorted(result["statuses"].items()))
             parts = ", ".join(f"{k} {v / n * 1000:.0f}" for k, v in result["busy"].items())
             print(f"{workers:>3} {n:>5} {result['wall']:>7.1f} {rate:>8.0f} {ideal:>8.0f} {rate / ideal:>8.1%} "
-                  f"{head:>12.0f}  {verdicts} (re-applied {result['reapplied']}, stale {result['stale']}); {parts}",
+                  f"{head:>12.0f} {wait:>8.0f}  {verdicts} (re-applied {result['reapplied']}, stale {result['stale']}); {parts}",
                   flush=True)
         last = results[-1]
         rate = last["experiments"] / last["wall"] * 3600 / (last["workers"] * 3600 / args.budget)
-        print(f"\ntarget: >= {TARGET:.0%} of ideal at W = {last['workers']}: "
-              f"{'met' if rate >= TARGET else 'NOT met'} ({rate:.1%}). Wall time runs from the moment every worker "
-              "is up to the last verdict\n(Ray's and the workers' start-up, once per loop, are left out).")
+        steady = args.budget / (args.budget + statistics.fmean(last["gaps"])) if last["gaps"] else float("nan")
+        print(f"\nwall: from the moment every worker is up to the last verdict (Ray's and the workers' start-up, "
+              f"once per loop, left out);\nit includes the first round's ramp (the head proposes one candidate at a "
+              f"time) and the last round's drain.\nwait: a worker's mean wait from the end of one experiment to the "
+              f"start of its next (judge, propose, commit, dispatch);\nin a long loop every worker is busy "
+              f"budget / (budget + wait) of the time: {steady:.1%} at W = {last['workers']}.\n"
+              f"target: >= {TARGET:.0%} of ideal at W = {last['workers']}: {'met' if rate >= TARGET else 'NOT met'} "
+              f"over this loop ({rate:.1%}), {'met' if steady >= TARGET else 'NOT met'} in steady state ({steady:.1%}).")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

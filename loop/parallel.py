@@ -148,6 +148,7 @@ class Slot:
     pid: int | None = None
     pid_started: float | None = None
     busy: str = ""  # "" | "starting" | "proposing" | an experiment id
+    base: str = ""  # the best commit its worktree was reset to for the proposal under way
     usable: bool = True
     refusal: str = ""
     state: dict = field(default_factory=dict)  # the worker's latest WorkerState
@@ -448,7 +449,8 @@ class ParallelLoop:
                                                     for e in self.experiments.values()])
 
     def _ask_agent(self, slot: Slot) -> None:
-        self.worktrees.reset(slot.path, self.standing().best_commit)
+        slot.base = self.standing().best_commit
+        self.worktrees.reset(slot.path, slot.base)
         slot.busy = "proposing"
         self.log(f"{slot.name}: running the agent")
         future = self.executor.submit(run_agent, self.plan.agent, self.prompt(), slot.path, self.plan.agent_timeout)
@@ -461,7 +463,7 @@ class ParallelLoop:
         best = self.standing().best_commit
         for slot in chosen:
             self.worktrees.reset(slot.path, best)
-            slot.busy = "proposing"
+            slot.busy, slot.base = "proposing", best
         prompt = with_wave(self.prompt(), [(s.name, s.path) for s in chosen], self.trainer)
         self.log(f"wave: one agent call for {len(chosen)} worktree(s)")
         future = self.executor.submit(run_agent, self.plan.agent, prompt, self.worktrees.folder, self.plan.agent_timeout)
@@ -476,8 +478,7 @@ class ParallelLoop:
         if outcome.timed_out:
             self.log(f"  the agent ran past {self.plan.agent_timeout:g} s and was stopped; trying what it left")
         descriptions = wave_descriptions(outcome.output) if len(slots) > 1 else {}
-        best = self.standing().best_commit
-        changed = any(self.worktrees.changes_since(self.slots[name].path, best) for name in slots)
+        changed = any(self.worktrees.changes_since(self.slots[name].path, self.slots[name].base) for name in slots)
         if outcome.returncode in (0, None) or changed:
             self.agent_failures = 0
         else:
@@ -491,7 +492,7 @@ class ParallelLoop:
         for name in slots:
             slot = self.slots[name]
             slot.busy = ""
-            self._submit(slot, descriptions.get(name) or outcome.description or "change by the agent")
+            self._submit(slot, descriptions.get(name) or outcome.description or "change by the agent", slot.base)
 
     def _propose_mutation(self, slot: Slot) -> None:
         standing = self.standing()
@@ -509,16 +510,18 @@ class ParallelLoop:
                                    "use an agent instead: --agent 'claude -p ...'") from None
             if sha256_file(trainer) not in taken:
                 break
-        self._submit(slot, description)
+        self._submit(slot, description, standing.best_commit)
 
-    def _submit(self, slot: Slot, description: str) -> None:
-        """Turn what a proposer left in `slot`'s worktree into a candidate and dispatch it there."""
+    def _submit(self, slot: Slot, description: str, base: str) -> None:
+        """Turn what a proposer left in `slot`'s worktree, on `base` (the best when it started),
+        into a candidate and dispatch it there. If the best moved while an agent worked, the change
+        is re-applied on the new best first (or discarded as stale)."""
         standing = self.standing()
         best = standing.best_commit
         description = sanitize(description) or "(no description)"
         common = dict(previous_best=standing.best_bpb, noise_floor=standing.floor, sigma=standing.sigma,
                       description=description)
-        changed = self.worktrees.changes_since(slot.path, best)
+        changed = self.worktrees.changes_since(slot.path, base)
         if not changed:
             self._done(TryResult("unchanged", None, standing.best_bpb,
                                  reason="the trainer is the best commit's: nothing to try", **common))
@@ -549,10 +552,10 @@ class ParallelLoop:
                                    reason=f"identical to {twin.id} ({twin.commit[:7]}), in flight: not run twice", **common)
             self._done(result)
             return
-        commit = self.worktrees.commit_file(slot.path, best, self.trainer, description)
+        commit = self.worktrees.commit_file(slot.path, base, self.trainer, description)
         self.number += 1
-        item = Experiment(id=f"x{self.number:04d}", number=self.number, description=description, base=best,
-                          commit=commit, trainer_sha=sha, proposed=commit)
+        item = Experiment(id=f"x{self.number:04d}", number=self.number, description=description, base=base,
+                          commit=commit, trainer_sha=sha, proposed=commit, reapply=base != best)
         self.experiments[item.id] = item
         self.log(f"{item.id} on {slot.name}: {description} ({commit[:7]})")
         self._dispatch(slot, item, fresh=True)
@@ -583,9 +586,10 @@ class ParallelLoop:
         old = item.commit
         picked = self.worktrees.cherry_pick(slot.path, best, old)
         standing = self.standing()
+        measured = f"; {item.measured:.6f} on {item.base[:7]}" if item.measured is not None else "; never run"
         if picked is None:
             self._settle(item, "discard", f"stale: its change no longer applies on the new best {best[:7]} "
-                                          f"(cherry-pick of {old[:7]} conflicts); {item.measured:.6f} on {item.base[:7]}",
+                                          f"(cherry-pick of {old[:7]} conflicts){measured}",
                          best, runs=[], value=item.measured)
             return False
         sha = sha256_file(slot.path / self.trainer)
@@ -597,8 +601,9 @@ class ParallelLoop:
             self._settle(item, "discard", f"stale: on the new best {best[:7]} it is identical to the trainer of "
                                           f"{standing.tried[sha].commit}", best, runs=[], value=item.measured)
             return False
+        item.note = f"re-applied on {best[:7]} (cherry-pick of {old[:7]})" + \
+            (" and run again" if item.runs or item.measured is not None else ": the best moved while it was proposed")
         item.base, item.commit, item.trainer_sha = best, picked, sha
-        item.note = f"re-applied on {best[:7]} (cherry-pick of {old[:7]}) and run again"
         self.log(f"{item.id}: {item.note}")
         return True
 

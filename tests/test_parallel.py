@@ -30,14 +30,17 @@ ray = pytest.importorskip("ray", reason="the parallel loop needs the [ray] extra
 # The fake trainer, with its logit scale also set through two constants the tests move on their own
 # lines: MATRIX_LR (so that `mutate` finds real gains: x1.25, x1.5, x2 raise the scale towards 1)
 # and TEMPERATURE (five lines below LOGIT_SCALE: a change to it re-applies cleanly on top of one
-# to LOGIT_SCALE).
-TRAINER_SOURCE = FAKE_TRAINER.replace(
+# to LOGIT_SCALE). It counts all of its TRAIN_STEPS batches even when three trainers share two cores
+# and start-up eats the 1 s budget, so a trainer scores the same under any load.
+TRAINER_SOURCE = FAKE_TRAINER.replace("    while not budget.done:\n",
+                                      "    while not budget.done or budget.step < TRAIN_STEPS:\n").replace(
     "SEED = 42  # this model has no randomness; a seed change is a no-op\n",
     "SEED = 42  # this model has no randomness; a seed change is a no-op\n"
     "TEMPERATURE = 1.0  # divides the logit scale\n"
     "MATRIX_LR = 0.04  # multiplies the logit scale by MATRIX_LR / 0.04\n",
 ).replace("torch.tensor(LOGIT_SCALE * np.log", "torch.tensor(LOGIT_SCALE * (MATRIX_LR / 0.04) / TEMPERATURE * np.log")
 assert TRAINER_SOURCE.count("TEMPERATURE") == 2 and TRAINER_SOURCE.count("MATRIX_LR") == 3
+assert "budget.step < TRAIN_STEPS:" in TRAINER_SOURCE
 
 pytestmark = pytest.mark.slow
 
@@ -370,3 +373,9 @@ def test_without_ray_more_than_one_worker_says_what_to_install(monkeypatch):
     with pytest.raises(SessionError) as caught:
         require_ray()
     assert "autoresearch[ray]" in caught.value.hint
+
+
+def test_a_wave_without_workers_is_a_usage_error(session):
+    result = cli(session, "loop", "--agent", "mutate", "--wave", "--max", "1")
+    assert result.returncode == 2 and "--wave needs more than one worker" in result.stderr
+    assert experiments(session) == []
