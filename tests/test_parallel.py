@@ -64,14 +64,17 @@ def experiments(root: Path):
 
 
 def leftovers(root: Path) -> list[str]:
-    """Live processes the loop started for this repository (they carry its AUTORESEARCH_ROOT):
-    Ray's servers and workers, trainers, evaluators, agents."""
+    """Live processes a parallel loop started for this repository: Ray's servers, agents and
+    workers carry its AUTORESEARCH_ROOT, trainers the marker of a parallel experiment (`t:x...`)."""
     needle = f"AUTORESEARCH_ROOT={root}".encode()
+    marker = f"AUTORESEARCH_EXPERIMENT={TAG}:x".encode()
     found = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and int(entry.name) != os.getpid() \
-                    and needle in (entry / "environ").read_bytes().split(b"\0"):
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            if needle in environ or any(item.startswith(marker) for item in environ):
                 state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
                 if state != "Z":
                     found.append(f"{entry.name} {(entry / 'cmdline').read_bytes()[:100]!r}")
@@ -228,13 +231,26 @@ def test_a_worker_killed_mid_run_gives_one_worker_lost_crash_and_one_retry_elsew
     assert_consistent(session)
 
 
-def test_the_head_killed_mid_run_then_resumed_loses_no_row_and_leaves_nothing_running(session):
+def test_the_head_killed_then_resumed_loses_no_row_and_leaves_nothing_running(session, tmp_path, test_cache):
+    """`kill -9` of the head just after its first verdict was journaled, while the other worker is
+    still training. The workers run here as on another node: from a copy of the session's tree the
+    head ships them (not a worktree), with their logs sent back."""
+    agent = tmp_path / "agent.py"
+    agent.write_text(AGENT)
+    command = f'"{sys.executable}" "{agent}" w1=LOGIT_SCALE=0.6 w2=SMOOTHING=2.0@3'
     before = ledger(session)
-    killed = cli(session, "loop", "--agent", "mutate", "--workers", "2", "--max", "2", "--seed", "5",
-                 AUTORESEARCH_TEST_KILL_AT="parallel-training", timeout=180)
+    killed = cli(session, "loop", "--agent", command, "--workers", "2", "--max", "2",
+                 AUTORESEARCH_TEST_KILL_AT="parallel-decided", AUTORESEARCH_TEST_SHIP_TREE="1", timeout=180)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     left = json.loads(in_flight_path(session_paths(session)).read_text())
-    assert len(left["experiments"]) == 2 and left["cluster"]["processes"]
+    states = {e["description"]: e for e in left["experiments"]}
+    assert states["LOGIT_SCALE -> 0.6"]["state"] == "decided" and states["SMOOTHING -> 2.0"]["state"] == "running"
+    assert ledger(session) == before  # journaled, not yet appended
+    decided = states["LOGIT_SCALE -> 0.6"]
+    shipped = session_paths(session).logs / f"{decided['number']:04d}-{decided['commit'][:7]}-{decided['slot']}.log"
+    assert "val_bpb:" in shipped.read_text()  # the log of a shipped run came back with its result
+    trees = node_folder(test_cache, TAG, str(session_paths(session).directory))
+    assert (trees / decided["slot"] / "tree" / TRAINER).is_file()
 
     resumed = cli(session, "session", "resume", timeout=240)
     assert resumed.returncode == 0, resumed.stderr
@@ -242,41 +258,15 @@ def test_the_head_killed_mid_run_then_resumed_loses_no_row_and_leaves_nothing_ru
     rows = ledger(session)
     assert rows[:len(before)] == before
     new = rows[len(before):]
-    interrupted = [r for r in new if r.reason.startswith("interrupted")]
-    # Both were in flight: recorded as crashes, never scored; then the loop ran its two iterations.
-    assert len(interrupted) == 2 and len(new) == 4, [(r.status, r.reason) for r in new]
-    assert all(r.status == "crash" and r.worker for r in interrupted)
-    assert all(r.status in ("keep", "discard") for r in new[2:])
+    assert new[0].description == "LOGIT_SCALE -> 0.6" and new[0].status == decided["row"]["status"]  # once
+    assert new[1].description == "SMOOTHING -> 2.0" and new[1].status == "crash"
+    assert new[1].reason.startswith("interrupted: the head died") and new[1].worker == "w2"
+    # The resumed loop's two iterations: LOGIT_SCALE 0.6 again is not run twice; SMOOTHING 2.0 runs.
+    assert [r.description for r in new[2:]] == ["SMOOTHING -> 2.0"] and new[2].status in ("keep", "discard")
+    assert sum(r.description == "LOGIT_SCALE -> 0.6" for r in rows) == 1
     state = json.loads(session_paths(session).loop_state.read_text())
     assert state["state"] == "finished" and state["done"] == 2
-    assert_consistent(session)
-
-
-def test_the_head_killed_after_a_verdict_then_resumed_records_it_once(session, test_cache):
-    """The workers here run as they would on another node: from a copy of the session's tree the
-    head sends them (not a worktree), writing their logs into their own folder."""
-    before = ledger(session)
-    killed = cli(session, "loop", "--agent", "mutate", "--workers", "2", "--max", "2", "--seed", "5",
-                 AUTORESEARCH_TEST_KILL_AT="parallel-decided", AUTORESEARCH_TEST_SHIP_TREE="1", timeout=180)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    left = json.loads(in_flight_path(session_paths(session)).read_text())
-    decided = [e for e in left["experiments"] if e["state"] == "decided"]
-    assert len(decided) == 1 and ledger(session) == before  # journaled, not yet appended
-    shipped = session_paths(session).logs / f"{decided[0]['number']:04d}-{decided[0]['commit'][:7]}-{decided[0]['slot']}.log"
-    assert "val_bpb:" in shipped.read_text()  # its log came back with its result
-    shipped_trees = node_folder(test_cache, TAG, str(session_paths(session).directory))
-    assert (shipped_trees / decided[0]["slot"] / "tree" / TRAINER).is_file()
-
-    resumed = cli(session, "session", "resume", "--no-loop", timeout=120)
-    assert resumed.returncode == 0, resumed.stderr
-    again = cli(session, "session", "resume", "--no-loop")
-    assert "nothing was in flight" in again.stderr
-    new = ledger(session)[len(before):]
-    assert [r.description for r in new if r.description == decided[0]["description"]] == [decided[0]["description"]]
-    assert new[0].status == decided[0]["row"]["status"] and not new[0].reason.startswith("interrupted")
-    assert len(new) == len(left["experiments"])  # the other one, if any, as interrupted
-    assert all(r.reason.startswith("interrupted") for r in new[1:])
-    assert not shipped_trees.exists()
+    assert not trees.exists()
     assert_consistent(session)
 
 
