@@ -165,10 +165,13 @@ def end(json_output: JsonOpt = False) -> None:
     """End the active session.
 
     Its branch, results and logs stay; a new session may start."""
+    from loop.parallel import recover_parallel
     from loop.ratchet import Session
 
     with _guarded("autoresearch session end"):
-        data = Session.active(_root()).end()
+        session = Session.active(_root())
+        recover_parallel(session, log=info)  # what a parallel loop's dead head left: rows, worktrees
+        data = session.end()
     if json_output:
         print_json(data)
         return
