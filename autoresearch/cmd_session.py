@@ -85,8 +85,9 @@ def _root():
 def start(
     tag: Annotated[str, typer.Argument(help="Names the session and its branch autoresearch/TAG, e.g. the date: mar5.")],
     rule: Annotated[str, typer.Option("--rule", help="Keep rule: noise (gain must beat the noise floor) or strict (upstream: any lower score).")] = "noise",
-    z: Annotated[float, typer.Option("--z", help="Noise rule: a gain must beat z sigma of the baseline's spread.")] = 2.0,
+    z: Annotated[float, typer.Option("--z", help="Noise rule: a kept gain passes a one-sided t test at the normal tail of z sigmas (pooled sigma).")] = 2.0,
     min_floor: Annotated[float, typer.Option("--min-floor", help="Noise rule: the floor never drops below this (val_bpb).")] = 3e-4,
+    max_drift: Annotated[float, typer.Option("--max-drift", min=0, help="Noise rule: a run whose machine speed moved more than this many percent from the best's is void and run again (0: never void).")] = 25.0,
     repeats: Annotated[Optional[int], typer.Option("--repeats", min=1, help="Baseline runs that measure the noise (default: the preset's BASELINE_REPEATS).")] = None,
     timeout: Annotated[Optional[float], typer.Option("--timeout", min=1, help="Hard limit of one trainer run in seconds (default: 2 x TIME_BUDGET + 300).")] = None,
     json_output: JsonOpt = False,
@@ -102,7 +103,7 @@ def start(
         update, stop = _progress()
         try:
             session = Session.start(_root(), tag, rule=rule, z=z, min_floor=min_floor, repeats=repeats,
-                                    timeout=timeout, log=info, progress=update)
+                                    timeout=timeout, max_drift=max_drift, log=info, progress=update)
         except BaselineFailed as exc:
             err.print(exc.log_tail, markup=False, highlight=False)
             raise
@@ -137,9 +138,12 @@ def status(json_output: JsonOpt = False) -> None:
     lines = [
         f"session:      {data['tag']} on {data['branch']} ({data['backend']} / {data['preset']}, {data['device']})",
         f"trainer:      {data['trainer']}",
-        f"rule:         {data['rule']}" + (f" (z {data['z']:g}, min floor {data['min_floor']:g})" if data["rule"] == "noise" else ""),
+        f"rule:         {data['rule']}" + (f" (z {data['z']:g}, min floor {data['min_floor']:g}, void past "
+                                           f"{data['max_drift']:g} % speed drift)" if data["rule"] == "noise" else ""),
         f"baseline:     {_bpb(data['baseline_bpb'])} (runs: {', '.join(f'{v:.6f}' for v in data['baseline_runs']) or 'none yet'})",
-        f"noise:        sigma {data['sigma']:.6f}, floor {data['noise_floor']:.6f}",
+        f"noise:        sigma {data['sigma']:.6f} ({data['sigma_dof']} dof, pooled over every repeated run), "
+        f"floor {data['noise_floor']:.6f}",
+        f"cost:         {_cost(data['cost'])}",
         f"best:         {_bpb(data['best_bpb'])} at {data['best_commit']}",
         f"holdout:      {data['holdout_detail']}",
         f"experiments:  {data['experiments']} ({counts})",
@@ -217,6 +221,14 @@ def resume(
         else:
             print(f"session {data['tag']}: best val_bpb={_bpb(data['best_bpb'])} at {data['best_commit']}, "
                   f"{data['experiments']} experiment(s); ready")
+
+
+def _cost(cost: dict) -> str:
+    """Runs per experiment and where they went (confirmations, voided runs, re-checks)."""
+    if not cost.get("experiments"):
+        return "no experiment yet"
+    return (f"{cost['runs_per_experiment']:.2f} runs per experiment (confirmations {cost['confirmations']:.2f}, "
+            f"voided {cost['voids']:.2f}, re-checks of the best {cost['rechecks']:.2f})")
 
 
 def _bpb(value: float | None) -> str:

@@ -191,7 +191,7 @@ def decide_candidate(candidate: Sequence[Run], incumbent: Sequence[Run], noise: 
     se = sigma * math.sqrt(1 / len(candidate) + 1 / len(best))
     noise_text = f"sigma {sigma:.6f}, {dof} dof"
     if len(candidate) == 1 and policy.confirm:
-        screen = max(_critical(policy.screen_z, dof) * se, policy.min_floor)
+        screen = max(critical_value(policy.screen_z, dof) * se, policy.min_floor)
         if gain > screen:
             return Decision("keep", False, True, f"gain {gain:+.6f} ({runs}) passes the screen {screen:.6f} "
                             f"({policy.screen_z:g} SE, {noise_text}): confirming with a second run",
@@ -199,7 +199,7 @@ def decide_candidate(candidate: Sequence[Run], incumbent: Sequence[Run], noise: 
         return Decision("discard", False, False, f"gain {gain:+.6f} ({runs}) is below the screen {screen:.6f} "
                         f"({policy.screen_z:g} SE, {noise_text})", score, gain, screen, sigma, dof)
 
-    test_floor = _critical(policy.z, dof) * se
+    test_floor = critical_value(policy.z, dof) * se
     floor = max(test_floor, policy.min_floor)
     if dof == 0:
         line = f"the minimum floor {floor:.6f} (no repeated runs yet: sigma unknown)"
@@ -230,7 +230,7 @@ def _void_reason(candidate: Sequence[Run], incumbent: Sequence[Run], max_percent
     return ""
 
 
-def _critical(z: float, dof: int) -> float:
+def critical_value(z: float, dof: int) -> float:
     """The one-sided critical value at the normal tail of `z`: Student t with `dof` degrees of
     freedom (t > z, charging for a sigma estimated from few runs); `z` itself without any."""
     if dof <= 0:

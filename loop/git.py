@@ -124,6 +124,14 @@ class Git:
                 raise GitFailure(f"could not put the tree back on {commit[:7]}: {_git_message(exc)}",
                                  "fix the repository by hand (`git status`), then `autoresearch session resume`") from None
 
+    def checkout_file(self, commit: str, path: str) -> None:
+        """Put `path` in the working tree as it is in `commit` (index and HEAD untouched)."""
+        try:
+            data = self.repo.git.show(f"{commit}:{path}", stdout_as_string=False, strip_newline_in_stdout=False)
+        except self._git.GitCommandError as exc:
+            raise GitFailure(_git_message(exc)) from None
+        (self.root / path).write_bytes(data)
+
     def resolve(self, rev: str) -> str:
         try:
             return self._run("rev_parse", "--verify", "-q", f"{rev}^{{commit}}")

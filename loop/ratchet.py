@@ -47,19 +47,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import secrets
 import shutil
 import signal
 import statistics
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 from harness.config import default_config_path, load_config
 from harness.scoring.context import DEVICE_ENV
-from harness.files import atomic_write_text, sha256_file
+from harness.files import atomic_write, atomic_write_text, sha256_file
 from harness.paths import state_dir, trainer_path
 from harness.scoring.evalset import load_eval_pointer
 from harness.scoring.evaluator_process import EvaluatorProcess
@@ -77,7 +78,10 @@ from loop.session import (
     is_frozen_code,
     verify_manifest,
 )
-from loop.decide import DEFAULT_MIN_FLOOR, DEFAULT_Z, RULES, decide, noise_floor
+from loop.decide import (
+    DEFAULT_MAX_DRIFT_PERCENT, DEFAULT_MIN_FLOOR, DEFAULT_Z, RULES, Policy, Run, critical_value, decide_candidate, incumbent_window,
+)
+from loop.noise import encode, experiments_since_recheck, incumbent_runs, noise, runs_per_experiment
 from loop.errors import BaselineFailed, FrozenEvaluatorError, SessionError, SessionTampered
 from loop.git import Git, GitFailure
 from loop.holdout import holdout_check
@@ -101,6 +105,11 @@ KILL_AT_ENV = "AUTORESEARCH_TEST_KILL_AT"  # tests: SIGKILL this process at the 
 INTERRUPTED = "interrupted"
 NO_COMMIT = "-"  # the commit column of a row whose change was never committed
 REFUSED = ("leak", "tampered")  # run outcomes that make an experiment `rejected`
+WINDOW = 5  # incumbent runs a candidate is compared with (loop.decide.incumbent_window)
+RECHECK_EVERY = 5  # experiments judged against one incumbent before it is re-run
+MAX_VOIDS = 3  # runs of a candidate voided in a row before it is left unjudged
+MAX_RECHECKS = 2  # re-checks of the incumbent within one experiment
+SLOWDOWN_ENV = "AUTORESEARCH_TEST_SLOWDOWN"  # tests: "K:candidate" reads the machine K times slower around candidate runs
 
 Log = Callable[[str], None]
 
@@ -122,13 +131,16 @@ class Standing:
     """Where the session stands, derived from its ledger."""
 
     best_commit: str  # full sha
-    best_bpb: float | None
+    best_bpb: float | None  # the mean of the incumbent's runs
     best_runs: list[float]
     baseline_runs: list[float]
-    sigma: float
-    floor: float
+    sigma: float  # pooled over every repeated measurement of the session (loop.noise)
+    floor: float  # the gain a confirmed candidate must beat now (noise rule; 0 for strict)
     tried: dict[str, ResultRow]  # trainer sha -> the row that judged it
     rows: list[ResultRow]
+    dof: int = 0  # sigma's degrees of freedom
+    incumbent: list[Run] = field(default_factory=list)  # the incumbent's runs, with machine speeds
+    best_sha: str = ""  # the incumbent trainer's SHA-256
 
     @property
     def baseline_bpb(self) -> float | None:
@@ -231,13 +243,13 @@ class Session:
     @classmethod
     def start(cls, root: Path, tag: str, rule: str = "noise", z: float = DEFAULT_Z,
               min_floor: float = DEFAULT_MIN_FLOOR, repeats: int | None = None, timeout: float | None = None,
-              log: Log = quiet, progress: Log | None = None) -> "Session":
+              max_drift: float = DEFAULT_MAX_DRIFT_PERCENT, log: Log = quiet, progress: Log | None = None) -> "Session":
         """Create the session (branch, config, manifest) and measure the baseline. The caller
         holds the lock. On a failed baseline everything it created is removed again."""
         if rule not in RULES:
             raise SessionError(f"unknown rule {rule!r}", f"use one of: {', '.join(RULES)}")
-        if z <= 0 or min_floor < 0:
-            raise SessionError("--z must be positive and --min-floor not negative")
+        if z <= 0 or min_floor < 0 or max_drift < 0:
+            raise SessionError("--z must be positive, --min-floor and --max-drift not negative")
         git = Git(root)
         existing = active_tag(root)
         if existing is not None:
@@ -283,7 +295,7 @@ class Session:
             min_floor=float(min_floor), repeats=int(repeats),
             timeout=float(timeout or default_timeout(run.evaluator.TIME_BUDGET)),
             trainer=trainer.relative_to(root).as_posix(), base_commit=base, run=run, created=now_utc(),
-            eval_set=str(eval_set), chained=True,
+            eval_set=str(eval_set), chained=True, max_drift=float(max_drift),
         )
         previous_branch = git.branch() or base
         save_session_config(config, paths)
@@ -371,22 +383,30 @@ class Session:
 
     def standing(self) -> Standing:
         rows = self.verified_rows()  # an edited row never moves the best or sigma
-        baseline = [r.val_bpb for r in rows if r.status == "baseline" and r.scored]
+        baseline_rows = [r for r in rows if r.status == "baseline" and r.scored]
+        baseline = [r.val_bpb for r in baseline_rows]
         kept = [r for r in rows if r.status == "keep" and r.scored]
-        sigma = statistics.stdev(baseline) if len(baseline) >= 2 else 0.0
         if kept:
-            best_commit, best_runs = self.git.resolve(kept[-1].commit), [kept[-1].val_bpb]
+            best_commit, best_sha = self.git.resolve(kept[-1].commit), kept[-1].trainer_sha
         else:
-            best_commit, best_runs = self.config.base_commit, baseline
+            best_commit, best_sha = self.config.base_commit, baseline_rows[0].trainer_sha if baseline_rows else ""
+        incumbent = incumbent_runs(rows, best_sha) if best_sha else []
+        if not incumbent and kept:  # a keep from before runs were recorded
+            incumbent = [Run(kept[-1].val_bpb)]
+        best_runs = [r.val_bpb for r in incumbent if r.val_bpb is not None] or baseline
+        measured = noise(rows)
         tried = {r.trainer_sha: r for r in rows
                  if r.trainer_sha and r.status in ("keep", "discard", "crash", "baseline")
                  and not r.reason.startswith(INTERRUPTED)}
+        floor = 0.0
+        if self.config.rule == "noise":
+            se = measured.sigma * math.sqrt(1 / 2 + 1 / max(min(len(best_runs), WINDOW), 1))
+            floor = max(critical_value(self.config.z, measured.dof) * se, self.config.min_floor)
         return Standing(
             best_commit=best_commit,
             best_bpb=statistics.fmean(best_runs) if best_runs else None,
-            best_runs=best_runs, baseline_runs=baseline, sigma=sigma,
-            floor=noise_floor(sigma, self.config.z, self.config.min_floor) if self.config.rule == "noise" else 0.0,
-            tried=tried, rows=rows,
+            best_runs=best_runs, baseline_runs=baseline, sigma=measured.sigma, floor=floor,
+            tried=tried, rows=rows, dof=measured.dof, incumbent=incumbent, best_sha=best_sha,
         )
 
     def trainer_sha(self) -> str:
@@ -501,7 +521,7 @@ class Session:
             entry = {"phase": "baseline", "marker": marker}
             write_journal(self.paths, entry)
             log(f"baseline run {number}/{self.config.repeats}")
-            outcome = self._run(self.paths.logs / f"baseline-{number}.log", entry, progress)
+            outcome, run = self._measured_run(self.paths.logs / f"baseline-{number}.log", entry, progress)
             if not outcome.ok:
                 raise BaselineFailed(outcome)
             values.append(outcome.val_bpb)
@@ -514,7 +534,8 @@ class Session:
                 tokens_per_sec=summary.get("tokens_per_sec"), device=str(summary.get("device") or self.config.run.device),
                 best_bpb=statistics.fmean(values),
                 noise_sigma=statistics.stdev(values) if len(values) >= 2 else None,
-                trainer_sha=trainer_sha, holdout_bpb=summary.get("holdout_bpb"),
+                sigma_dof=len(values) - 1 if len(values) >= 2 else None,
+                trainer_sha=trainer_sha, holdout_bpb=summary.get("holdout_bpb"), **_run_columns([run]),
             )
             with deferred_interrupt():
                 self._append(row)
@@ -578,8 +599,11 @@ class Session:
             (row.timestamp, row.commit, row.status, row.description)
 
     # -- try -----------------------------------------------------------------------------------
-    def try_change(self, description: str, log: Log = quiet, progress: Log | None = None) -> TryResult:
-        """Judge the working tree's change to the trainer (see the module docstring)."""
+    def try_change(self, description: str, log: Log = quiet, progress: Log | None = None,
+                   advance: bool = True) -> TryResult:
+        """Judge the working tree's change to the trainer (see the module docstring).
+        `advance=False` (bench/false_keep.py) never moves the best: a keep is returned as such but
+        recorded as a `discard` whose reason says so, so every try meets the same incumbent."""
         self.recover(log, progress)
         standing = self.standing()
         best = standing.best_commit
@@ -615,7 +639,8 @@ class Session:
                              reason=f"{when}: not run again" + (f"; {known.reason}" if known.reason else ""),
                              reused_from=known.commit, **common)
         try:
-            return self._experiment(standing, description, sha, common, log, progress)
+            with self.warm_evaluator(log) if self.evaluator is None else nullcontext():
+                return self._experiment(standing, description, sha, common, log, progress, advance)
         except KeyboardInterrupt:  # Ctrl-C: the runner killed the trainer; record it, revert
             self.recover(log)
             raise
@@ -640,7 +665,7 @@ class Session:
             clear_journal(self.paths)
 
     def _experiment(self, standing: Standing, description: str, sha: str, common: dict,
-                    log: Log, progress: Log | None) -> TryResult:
+                    log: Log, progress: Log | None, advance: bool = True) -> TryResult:
         best = standing.best_commit
         number = len(standing.rows) + 1
         marker = f"{self.config.tag}:{number}:{secrets.token_hex(4)}"
@@ -659,27 +684,59 @@ class Session:
         short = candidate[:7]
         log(f"experiment {number}: {description} ({short})")
 
-        outcomes = [self._run(self._log_path(number, candidate, 0), entry, progress)]
-        values: list[float | None] = [outcomes[0].val_bpb if outcomes[0].ok else None]
-        decision = decide(values, standing.best_runs, standing.sigma, self.config.rule, self.config.z,
-                          self.config.min_floor)
-        if decision.rerun_needed:
-            entry["runs"] = values
+        # --max-drift 0 turns voiding off: a limit no drift reaches
+        policy = Policy(rule=self.config.rule, z=self.config.z, min_floor=self.config.min_floor,
+                        max_drift_percent=self.config.max_drift or math.inf)
+        incumbent = list(standing.incumbent) or [Run(v) for v in standing.best_runs]
+        rechecks = 0
+        counted: list[Run] = []
+        outcomes: list[RunOutcome] = []
+        voids = 0
+        decision = None
+        while True:
+            outcome, run = self._measured_run(self._log_path(number, candidate, len(outcomes)), entry, progress,
+                                              self._slowdown("candidate"))
+            outcomes.append(outcome)
+            if not outcome.ok:
+                break
+            window = incumbent
+            if policy.rule == "noise":
+                window = incumbent_window(incumbent, run.speed, policy.max_drift_percent, WINDOW)
+                due = experiments_since_recheck(standing.rows) >= RECHECK_EVERY and not rechecks
+                while (len(window) < 2 or due) and rechecks < MAX_RECHECKS:
+                    rechecks += 1  # a keep, a drifted machine or a long stretch: measure the incumbent now
+                    due = False
+                    fresh = self._recheck(standing, number, entry, progress, log)
+                    if fresh is not None:
+                        incumbent.append(fresh)
+                    window = incumbent_window(incumbent, run.speed, policy.max_drift_percent, WINDOW)
+                window = window or incumbent[-WINDOW:]  # none measured at this speed: the verdict says void
+            decision = decide_candidate(counted + [run], window, noise(self.verified_rows()), policy)
+            if decision.verdict == "void":
+                voids += 1
+                log(f"  {decision.reason}")
+                if voids >= MAX_VOIDS:
+                    break
+                continue
+            counted.append(run)
+            entry["runs"] = [r.val_bpb for r in counted]
             write_journal(self.paths, entry)
+            if not decision.needs_confirmation:
+                break
             log(f"  {decision.reason}")
-            outcomes.append(self._run(self._log_path(number, candidate, 1), entry, progress))
-            values.append(outcomes[1].val_bpb if outcomes[1].ok else None)
-            decision = decide(values, standing.best_runs, standing.sigma, self.config.rule, self.config.z,
-                              self.config.min_floor)
 
-        verdict, reason = decision.verdict, decision.reason
-        failed = next((o for o in outcomes if not o.ok), None)
+        failed = outcomes[-1] if not outcomes[-1].ok else None
         if failed is not None:
-            which = "the re-run " if len(outcomes) > 1 and outcomes[0].ok else ""
+            which = "the re-run " if len(outcomes) > 1 else ""
             kind = "" if failed.status in ("crash",) + REFUSED else f"{failed.status}: "  # timeout, diverged, over budget
             # A model that read the evaluator's data, or a run that tampered with the session, is not a
             # crash of the code: it is refused.
             verdict, reason = ("rejected" if failed.status in REFUSED else "crash"), f"{which}{kind}{failed.reason}"
+        elif decision.verdict == "void":
+            verdict = "void"
+            reason = f"not judged: the machine's speed drifted in {voids} runs; try it again later ({decision.reason})"
+        else:
+            verdict, reason = decision.verdict, decision.reason
         changed_frozen = self.frozen_mismatches()
         if changed_frozen:
             verdict = "rejected"
@@ -688,23 +745,80 @@ class Session:
             write_journal(self.paths, entry)
 
         scored = verdict in ("keep", "discard")
-        new_best = decision.val_bpb if verdict == "keep" else standing.best_bpb
+        score = statistics.fmean(r.val_bpb for r in counted) if counted else None
+        recorded = verdict
+        if verdict == "keep" and not advance:
+            recorded, reason = "discard", f"kept (not advanced: bench): {reason}"
+            verdict_kept = True
+        else:
+            verdict_kept = verdict == "keep"
+        new_best = score if recorded == "keep" else standing.best_bpb
+        good = [o for o in outcomes if o.ok]
         last = outcomes[-1]
         summary = last.summary or {}
         row = self._row(
-            commit=short, val_bpb=decision.val_bpb if scored else 0.0,
-            memory_gb=_memory_gb(outcomes) if scored else 0.0, status=verdict, description=description,
+            commit=short, val_bpb=score if scored else 0.0,
+            memory_gb=_memory_gb(outcomes) if scored else 0.0, status=recorded, description=description,
             seconds=sum(o.seconds for o in outcomes), num_steps=summary.get("num_steps"),
             tokens_per_sec=summary.get("tokens_per_sec"),
             device=str(summary.get("device") or self.config.run.device),
-            best_bpb=new_best, noise_sigma=standing.sigma, reason=reason, trainer_sha=sha,
-            holdout_bpb=_mean([o.summary.get("holdout_bpb") for o in outcomes if o.summary]) if scored else None,
+            best_bpb=new_best, reason=reason, trainer_sha=sha,
+            noise_sigma=decision.sigma if decision else standing.sigma,
+            sigma_dof=decision.dof if decision else standing.dof,
+            holdout_bpb=_mean([o.summary.get("holdout_bpb") for o in good]) if scored else None,
+            **_run_columns(counted), voids=voids,
         )
-        self._settle(candidate if verdict == "keep" else best, row)
+        self._settle(candidate if recorded == "keep" else best, row)
         if changed_frozen:
             self.check_frozen(best, "during the run and could not be restored")
-        return TryResult(verdict, decision.val_bpb if scored else None, new_best, commit=short, reason=reason,
-                         runs=[v for v in values if v is not None], log=str(last.log_path), row=row, **common)
+        return TryResult("keep" if verdict_kept else verdict, score if scored else None, new_best, commit=short, reason=reason,
+                         runs=[r.val_bpb for r in counted], log=str(last.log_path), row=row, **common)
+
+    # -- measured runs ---------------------------------------------------------------------------
+    def _measured_run(self, log_path: Path, entry: dict, progress: Log | None,
+                      slowdown: float = 1.0) -> tuple[RunOutcome, Run]:
+        """One run with the machine's speed read before and after it (by the evaluator process)."""
+        before = self.evaluator.speed(slowdown) if self.evaluator is not None else None
+        outcome = self._run(log_path, entry, progress)
+        after = self.evaluator.speed(slowdown) if self.evaluator is not None else None
+        return outcome, Run(outcome.val_bpb if outcome.ok else None, before, after)
+
+    def _recheck(self, standing: Standing, number: int, entry: dict, progress: Log | None, log: Log) -> Run | None:
+        """Run the incumbent once more, now (its trainer file in place of the candidate's for the
+        run), and record it as a `recheck` row: candidates are compared with the incumbent measured
+        under today's conditions, and the run joins the pooled sigma."""
+        trainer = self.root / self.config.trainer
+        candidate_text = trainer.read_bytes()
+        best = standing.best_commit
+        log(f"  re-checking the best ({best[:7]}) under the machine's conditions now")
+        self.git.checkout_file(best, self.config.trainer)
+        try:
+            outcome, run = self._measured_run(self.paths.logs / f"{number:04d}-recheck-{best[:7]}.log", entry, progress)
+        finally:
+            atomic_write(trainer, candidate_text)
+        if not outcome.ok:
+            log(f"  the re-check of the best did not score ({outcome.status}: {outcome.reason})")
+            return None
+        summary = outcome.summary or {}
+        row = self._row(
+            commit=best[:7], val_bpb=run.val_bpb, memory_gb=_memory_gb([outcome]), status="recheck",
+            description=f"re-check of the best ({best[:7]})", seconds=outcome.seconds,
+            num_steps=summary.get("num_steps"), tokens_per_sec=summary.get("tokens_per_sec"),
+            best_bpb=standing.best_bpb, trainer_sha=standing.best_sha, holdout_bpb=summary.get("holdout_bpb"),
+            **_run_columns([run]),
+        )
+        with deferred_interrupt():
+            self._append(row)
+        return run
+
+    @staticmethod
+    def _slowdown(kind: str) -> float:
+        """Tests: read the machine as if it were K times slower around `kind` runs."""
+        factor, _, which = os.environ.get(SLOWDOWN_ENV, "").partition(":")
+        try:
+            return float(factor) if which == kind else 1.0
+        except ValueError:
+            return 1.0
 
     # -- status and end ------------------------------------------------------------------------
     def status(self) -> dict:
@@ -719,12 +833,14 @@ class Session:
         return {
             "tag": self.config.tag, "branch": self.config.branch, "backend": self.config.backend,
             "preset": self.config.preset, "device": self.config.run.device, "rule": self.config.rule,
-            "z": self.config.z, "min_floor": self.config.min_floor, "timeout": self.config.timeout,
+            "z": self.config.z, "min_floor": self.config.min_floor, "max_drift": self.config.max_drift,
+            "timeout": self.config.timeout,
             "trainer": self.config.trainer, "created": self.config.created,
             "baseline_bpb": standing.baseline_bpb, "baseline_runs": standing.baseline_runs,
-            "sigma": standing.sigma, "noise_floor": standing.floor,
+            "sigma": standing.sigma, "sigma_dof": standing.dof, "noise_floor": standing.floor,
+            "cost": runs_per_experiment(standing.rows),
             "best_bpb": standing.best_bpb, "best_commit": standing.best_commit[:7],
-            "experiments": sum(v for k, v in counts.items() if k != "baseline"), "counts": counts,
+            "experiments": sum(v for k, v in counts.items() if k not in ("baseline", "recheck")), "counts": counts,
             "head": (self.git.head() or "")[:7], "on_branch": self.git.branch() == self.config.branch,
             "pending_changes": self.git.changes_since(standing.best_commit) if self.git.head() else [],
             "in_flight": journal.get("phase") if journal else None,
@@ -752,6 +868,12 @@ class Session:
         """Append a judged row to the ledger (chained) and refresh its copies; Ctrl-C waits."""
         with deferred_interrupt():
             self._append(row)
+
+
+def _run_columns(runs: list[Run]) -> dict[str, str]:
+    """The ledger cells of a verdict's runs: their scores and the machine's speed around each."""
+    return {"runs": encode([r.val_bpb for r in runs]), "speed": encode([r.speed for r in runs], ".4g"),
+            "speed_after": encode([r.speed_after for r in runs], ".4g")}
 
 
 def _mean(values: list) -> float | None:

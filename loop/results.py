@@ -29,11 +29,14 @@ UPSTREAM_COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description")
 RESULT_COLUMNS = UPSTREAM_COLUMNS + (
     "timestamp", "seconds", "num_steps", "tokens_per_sec", "backend", "device", "preset",
     "best_bpb", "noise_sigma", "reason", "trainer_sha", "holdout_bpb", "chain", "worker", "node",
+    "sigma_dof", "runs", "speed", "speed_after", "voids",
 )
 # keep|discard|crash are upstream's; `rejected`: the change touched a frozen file (never run);
 # `baseline`: one of the session's repeats of the unchanged trainer that measure the noise floor.
-STATUSES = ("keep", "discard", "crash", "rejected", "baseline")
-NOT_SCORED = ("crash", "rejected")  # rows whose val_bpb is the 0.000000 placeholder
+# `recheck`: a run of the incumbent, to compare candidates with it under today's conditions; `void`:
+# an experiment not judged, because the machine's speed drifted in every run of it (noise rule).
+STATUSES = ("keep", "discard", "crash", "rejected", "baseline", "recheck", "void")
+NOT_SCORED = ("crash", "rejected", "void")  # rows whose val_bpb is the 0.000000 placeholder
 # Kept in the session's ledger, left out of the repository's copy that an agent reads: the holdout
 # is scored for every experiment and never shown to the agent.
 PRIVATE_COLUMNS = ("holdout_bpb",)
@@ -76,6 +79,11 @@ class ResultRow:
     chain: str = ""  # SHA-256 linking this row to the one before (loop.integrity)
     worker: str = ""  # the parallel loop's worker that ran it (loop.parallel); "" when run in-process
     node: str = ""  # the machine that worker ran on
+    sigma_dof: int | None = None  # degrees of freedom of noise_sigma (loop.noise)
+    runs: str = ""  # the scores the verdict used, `;`-separated
+    speed: str = ""  # machine speed before each of those runs, GFLOP/s (harness.scoring.speed)
+    speed_after: str = ""  # and after each
+    voids: int | None = None  # runs that did not count: the machine's speed had drifted
 
     def __post_init__(self) -> None:
         self.val_bpb = float(self.val_bpb if self.val_bpb is not None else 0.0)
@@ -119,6 +127,11 @@ class ResultRow:
             "chain": self.chain,
             "worker": self.worker,
             "node": self.node,
+            "sigma_dof": "" if self.sigma_dof is None else str(int(self.sigma_dof)),
+            "runs": self.runs,
+            "speed": self.speed,
+            "speed_after": self.speed_after,
+            "voids": "" if self.voids is None else str(int(self.voids)),
         }
 
 

@@ -593,7 +593,7 @@ def main() -> None:
     model = build_model(config, plat.device, plat.dtype, plat.flash_attn)
     if plat.flex_windows:
         model.block_masks = {w: sliding_window_block_mask(T, w, plat.device) for w in set(model.window_sizes) if w < T - 1}
-    elif plat.flash_attn is None and any(w < T - 1 for w in model.window_sizes):
+    elif plat.flash_attn is None and plat.device.type == "cuda" and any(w < T - 1 for w in model.window_sizes):
         print(f'WARNING: sliding windows through SDPA use an explicit mask, which costs more than FA3; '
               f'WINDOW_PATTERN = "L" is faster here (now {WINDOW_PATTERN!r})')
     param_counts = model.num_scaling_params()

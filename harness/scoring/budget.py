@@ -123,5 +123,7 @@ def format_summary(values: dict) -> str:
             text = _FORMATS[key].format(value)
         else:
             text = str(value)
+        if key == "peak_vram_mb" and value is not None and str(values.get("device", "")).startswith("cpu"):
+            text += "  (process RSS: a CPU has no device memory)"  # the number stays the 2nd field
         lines.append(f"{key + ':':<18}{text}")
     return "\n".join(lines)

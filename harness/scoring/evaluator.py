@@ -11,6 +11,8 @@ original stdout; anything a library prints goes to stderr):
 
     {"artifact": DIR, "seed": N}  ->  {"ok": true, "val_bpb": ..., "holdout_bpb": ..., ...}
                                       or {"ok": false, "kind": ..., "reason": ...}
+    {"speed": {"slowdown": 1.0}}  ->  {"ok": true, "speed": {...}}  (harness.scoring.speed: the
+                                      machine's speed, read before and after every run)
 
 For each artifact: the artifact is checked and loaded (`harness.scoring.artifact`); validation is
 scored over exactly its scored rows with causality probes interleaved (`score_stream`); the holdout
@@ -37,6 +39,7 @@ from harness.scoring.artifact import ArtifactError, load_forward
 from harness.scoring.canaries import canary_score
 from harness.scoring.evalset import EvalSet
 from harness.scoring.evaluate import CausalityError, EvaluationError, eval_batch, score_stream
+from harness.scoring.speed import measure_speed
 
 # Failure kinds, as the runner maps them: "leak" is a rejected experiment, the rest are crashes.
 ARTIFACT, CAUSALITY, EVALUATION, LEAK, ERROR = "artifact", "causality", "evaluation", "leak", "error"
@@ -147,14 +150,18 @@ def _undumpable() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
-def serve(resident: ResidentSet, device: str, requests: IO[str], results: IO[str]) -> None:
+def serve(resident: ResidentSet, device: str, framework: str, requests: IO[str], results: IO[str]) -> None:
     """Answer requests until stdin closes."""
     for line in requests:
         if not line.strip():
             continue
         try:
             request = json.loads(line)
-            reply = evaluate_artifact(resident, Path(request["artifact"]), device, int(request["seed"]))
+            if "speed" in request:
+                slowdown = float(request["speed"].get("slowdown", 1.0))
+                reply = {"ok": True, "speed": measure_speed(framework or "torch", device, slowdown=slowdown).to_dict()}
+            else:
+                reply = evaluate_artifact(resident, Path(request["artifact"]), device, int(request["seed"]))
         except Exception as exc:  # noqa: BLE001 - report it, stay up for the next request
             reply = {"ok": False, "kind": ERROR, "reason": f"evaluator error: {type(exc).__name__}: {exc}"}
         results.write(json.dumps(reply) + "\n")
@@ -178,4 +185,4 @@ def main(argv: list[str]) -> None:
         import mlx.core  # noqa: F401
     results.write(json.dumps({"ready": True, "pid": os.getpid()}) + "\n")
     results.flush()
-    serve(resident, args.device, sys.stdin, results)
+    serve(resident, args.device, args.framework, sys.stdin, results)

@@ -104,6 +104,20 @@ class EvaluatorProcess:
             self.close()
             raise
 
+    def speed(self, slowdown: float = 1.0, timeout: float = 60.0) -> float | None:
+        """The machine's speed now (GFLOP/s of the fixed probe in `harness.scoring.speed`, run in
+        the evaluator on the session's device), or None when the evaluator cannot tell."""
+        if not self.alive:
+            return None
+        try:
+            self.proc.stdin.write((json.dumps({"speed": {"slowdown": slowdown}}) + "\n").encode())
+            self.proc.stdin.flush()
+            reply = json.loads(self._reply(timeout))
+        except (OSError, ValueError, EvaluatorDied):
+            return None
+        speed = reply.get("speed", {}).get("gflops") if reply.get("ok") else None
+        return float(speed) if isinstance(speed, (int, float)) else None
+
     def _reply(self, timeout: float) -> str:
         try:
             line = self.replies.get(timeout=timeout)

@@ -176,7 +176,7 @@ def run_experiment(
                                 "reached ctx.finish)")
     summary, reason = evaluate_run(root, config, run_dir, device=device, evaluator=evaluator,
                                    timeout=max(timeout - (time.monotonic() - start), 30.0),
-                                   seconds=trainer_seconds, facts=facts, evaluator_log=log_path.with_suffix(".eval.log"))
+                                   seconds=trainer_seconds, facts=facts, evaluator_log=run_dir / "evaluator.log")
     if summary is None:
         return outcome("leak" if reason.startswith("validation leak") else "crash", reason)
     summary["total_seconds"] = time.monotonic() - start
