@@ -58,6 +58,7 @@ def results(
         return
     _print_table(rows, shown, path)
     _print_summary(summary)
+    _print_holdout(rows, summary)
     if table.skipped:
         out.print(f"{table.skipped} line(s) of the file skipped (warnings above): not counted here")
 
@@ -116,6 +117,16 @@ def _print_table(rows: list, shown: list, path: Path) -> None:
     out.print(table)
 
 
+def _print_holdout(rows, summary) -> None:
+    """Validation against the holdout for the baseline and the best (the session's own ledger has
+    the holdout; the repository's copy leaves it out)."""
+    from loop.holdout import holdout_check
+
+    check = holdout_check(rows, max(2 * (summary.noise_sigma or 0.0), 3e-4))
+    if check is not None:
+        out.print(f"holdout: {check.describe()}", markup=False)
+
+
 def _print_summary(summary) -> None:
     from rich.markup import escape
     from rich.table import Table
@@ -136,6 +147,11 @@ def _print_summary(summary) -> None:
             out.print(f"best: {summary.best_commit} {summary.best_description}", markup=False)
     if summary.noise_sigma is not None:
         out.print(f"noise sigma: {summary.noise_sigma:.6f}")
+    if summary.energy_j is not None:
+        line = f"energy: {summary.energy_j / 3.6e6:.3f} kWh"
+        if summary.energy_per_keep_j is not None:
+            line += f", {summary.energy_per_keep_j / 3.6e3:.1f} Wh per kept improvement"
+        out.print(line)
     if summary.gains:
         gains = Table(title="Gains by change (biggest first)", title_justify="left")
         for name, justify in (("#", "right"), ("Δ val_bpb", "right"), ("val_bpb", "right"), ("description", "left")):

@@ -258,6 +258,23 @@ def try_(
         print_json(result.to_dict())
     else:
         print(result.line(), flush=True)
+    _track(session, result)
+
+
+def _track(session, result) -> None:
+    """Log the experiment to the tracker `AUTORESEARCH_TRACK` names (loop.tracking), if any."""
+    from pathlib import Path
+
+    from loop.tracking import track_experiment, tracker
+
+    try:
+        name = tracker()
+    except ValueError as exc:
+        warn(str(exc))
+        return
+    if name and result.row is not None:
+        run_dir = session.paths.runs / Path(result.log).stem if result.log else None
+        info(track_experiment(f"autoresearch-{session.config.tag}", result.row, run_dir))
 
 
 def loop(
@@ -309,6 +326,7 @@ def _loop(session, plan, json_output: bool, token: str, resumed: bool = False, p
         else:
             sys.stdout.write(result.line() + "\n")
         sys.stdout.flush()
+        _track(session, result)
 
     update, stop = _progress()
     try:

@@ -79,9 +79,11 @@ def run(
     holds; a separate evaluator process scores the model it exports. Exits 1 on a crash,
     divergence, timeout or a run over budget, showing the end of the log.
     """
+    import os
     import signal
 
     from harness.config import default_config_path, load_config
+    from harness.hardware.energy import EnergyMeter
     from harness.paths import repo_root, state_dir
     from harness.scoring.budget import format_summary
     from harness.scoring.evalset import load_eval_pointer
@@ -110,13 +112,16 @@ def run(
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), stop)
     info(f"running backends/{config.backend}/train.py ({config.preset}, {config.device}); output in {log_path}")
+    energy, _ = EnergyMeter.open(os.environ.get("AUTORESEARCH_DEVICE") or config.device)
     try:
         with progress_reporter("starting...") as report:
             outcome = run_experiment(root, config.backend, config_path, log_path, eval_set=eval_set,
                                      run_dir=state_dir(root) / "runs" / "latest", timeout=timeout,
-                                     compile_cache=state_dir(root) / "compile-cache",
+                                     compile_cache=state_dir(root) / "compile-cache", energy=energy,
                                      on_progress=report)
     finally:
+        if energy is not None:
+            energy.close()
         lock.release()
     if json_output:
         print_json({"status": outcome.status, "reason": outcome.reason, "summary": outcome.summary,

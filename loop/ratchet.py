@@ -62,6 +62,7 @@ from harness.config import default_config_path, load_config
 from harness.scoring.context import DEVICE_ENV
 from harness.files import atomic_write, atomic_write_text, sha256_file
 from harness.paths import state_dir, trainer_path
+from harness.hardware.energy import EnergyMeter
 from harness.scoring.evalset import load_eval_pointer
 from harness.scoring.evaluator_process import EvaluatorProcess
 from harness.scoring.runner import FRAMEWORK_OF, RunOutcome, run_experiment
@@ -218,6 +219,7 @@ class Session:
         self.paths = paths
         self.git = git
         self.evaluator: EvaluatorProcess | None = None  # a warm one while `loop` runs (`warm_evaluator`)
+        self.energy: EnergyMeter | None = None  # the GPU's energy counter, open with the evaluator
         # The configuration and manifest as this process first read them: a rewrite while it lives
         # stops the session (a standalone `try` checks them through the ledger's chain instead).
         self.anchor = anchor(paths.config, paths.manifest)
@@ -472,7 +474,7 @@ class Session:
         outcome = run_experiment(self.root, self.config.backend, self.paths.run_config, log_path,
                                  eval_set=Path(self.config.eval_set), run_dir=self.paths.runs / log_path.stem,
                                  timeout=self.config.timeout, evaluator=self.evaluator, marker=entry["marker"],
-                                 compile_cache=self.paths.directory / "compile-cache",
+                                 compile_cache=self.paths.directory / "compile-cache", energy=self.energy,
                                  on_start=lambda pid: record_trainer(self.paths, entry, pid),
                                  on_progress=on_progress)
         changed = snapshot.changed()
@@ -500,9 +502,15 @@ class Session:
                 run.evaluator.EVAL_BATCH_SIZE, FRAMEWORK_OF.get(run.backend, "torch"), self.paths.logs / "evaluator.log")
         except Exception as exc:  # noqa: BLE001 - every run then starts its own
             log(f"could not keep an evaluator warm ({exc}); each experiment starts its own")
+        opened = self.energy is None  # a meter given by the caller stays the caller's
+        if opened:
+            self.energy, _ = EnergyMeter.open(os.environ.get(DEVICE_ENV) or run.device)
         try:
             yield
         finally:
+            if opened and self.energy is not None:
+                self.energy.close()
+                self.energy = None
             if self.evaluator is not None:
                 self.evaluator.close()
                 self.evaluator = None
@@ -536,6 +544,7 @@ class Session:
                 noise_sigma=statistics.stdev(values) if len(values) >= 2 else None,
                 sigma_dof=len(values) - 1 if len(values) >= 2 else None,
                 trainer_sha=trainer_sha, holdout_bpb=summary.get("holdout_bpb"), **_run_columns([run]),
+                **_energy_columns([outcome]),
             )
             with deferred_interrupt():
                 self._append(row)
@@ -766,7 +775,7 @@ class Session:
             noise_sigma=decision.sigma if decision else standing.sigma,
             sigma_dof=decision.dof if decision else standing.dof,
             holdout_bpb=_mean([o.summary.get("holdout_bpb") for o in good]) if scored else None,
-            **_run_columns(counted), voids=voids,
+            **_run_columns(counted), voids=voids, **_energy_columns(outcomes),
         )
         self._settle(candidate if recorded == "keep" else best, row)
         if changed_frozen:
@@ -805,7 +814,7 @@ class Session:
             description=f"re-check of the best ({best[:7]})", seconds=outcome.seconds,
             num_steps=summary.get("num_steps"), tokens_per_sec=summary.get("tokens_per_sec"),
             best_bpb=standing.best_bpb, trainer_sha=standing.best_sha, holdout_bpb=summary.get("holdout_bpb"),
-            **_run_columns([run]),
+            **_run_columns([run]), **_energy_columns([outcome]),
         )
         with deferred_interrupt():
             self._append(row)
@@ -868,6 +877,15 @@ class Session:
         """Append a judged row to the ledger (chained) and refresh its copies; Ctrl-C waits."""
         with deferred_interrupt():
             self._append(row)
+
+
+def _energy_columns(outcomes: list[RunOutcome]) -> dict[str, float | None]:
+    """The joules of the experiment's runs and their mean power (None where no counter was read)."""
+    readings = [o.energy_j for o in outcomes if o.energy_j is not None]
+    if not readings:
+        return {"energy_j": None, "mean_watts": None}
+    seconds = sum(o.seconds for o in outcomes if o.energy_j is not None)
+    return {"energy_j": sum(readings), "mean_watts": sum(readings) / seconds if seconds > 0 else None}
 
 
 def _run_columns(runs: list[Run]) -> dict[str, str]:

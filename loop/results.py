@@ -29,7 +29,7 @@ UPSTREAM_COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description")
 RESULT_COLUMNS = UPSTREAM_COLUMNS + (
     "timestamp", "seconds", "num_steps", "tokens_per_sec", "backend", "device", "preset",
     "best_bpb", "noise_sigma", "reason", "trainer_sha", "holdout_bpb", "chain", "worker", "node",
-    "sigma_dof", "runs", "speed", "speed_after", "voids",
+    "sigma_dof", "runs", "speed", "speed_after", "voids", "energy_j", "mean_watts",
 )
 # keep|discard|crash are upstream's; `rejected`: the change touched a frozen file (never run);
 # `baseline`: one of the session's repeats of the unchanged trainer that measure the noise floor.
@@ -84,6 +84,8 @@ class ResultRow:
     speed: str = ""  # machine speed before each of those runs, GFLOP/s (harness.scoring.speed)
     speed_after: str = ""  # and after each
     voids: int | None = None  # runs that did not count: the machine's speed had drifted
+    energy_j: float | None = None  # the GPU's joules over the experiment's runs (the runner's reading)
+    mean_watts: float | None = None
 
     def __post_init__(self) -> None:
         self.val_bpb = float(self.val_bpb if self.val_bpb is not None else 0.0)
@@ -132,6 +134,8 @@ class ResultRow:
             "speed": self.speed,
             "speed_after": self.speed_after,
             "voids": "" if self.voids is None else str(int(self.voids)),
+            "energy_j": _fmt(self.energy_j, ".0f"),
+            "mean_watts": _fmt(self.mean_watts, ".1f"),
         }
 
 
@@ -435,6 +439,8 @@ class ResultsReport:
     noise_sigma: float | None
     gains: list[Gain]  # chronological
     crashes_by_reason: dict[str, int]
+    energy_j: float | None = None  # over every row that recorded it (the runner's GPU counter)
+    energy_per_keep_j: float | None = None  # that, per kept improvement
 
     @classmethod
     def from_rows(cls, rows: list[ResultRow]) -> "ResultsReport":
@@ -454,8 +460,10 @@ class ResultsReport:
         decided = counts["keep"] + counts["discard"]
         improvement = baseline - best if baseline is not None and best is not None else None
         reasons = Counter(row.reason or "(no reason recorded)" for row in rows if row.status == "crash")
+        joules = [row.energy_j for row in rows if row.energy_j is not None]
+        energy = sum(joules) if joules else None
         return cls(
-            experiments=len(rows) - counts["baseline"],
+            experiments=len(rows) - counts["baseline"] - counts["recheck"],
             baseline_runs=counts["baseline"],
             kept=counts["keep"],
             discarded=counts["discard"],
@@ -471,6 +479,8 @@ class ResultsReport:
             noise_sigma=noise_sigma_of(rows),
             gains=gains,
             crashes_by_reason=dict(reasons.most_common()),
+            energy_j=energy,
+            energy_per_keep_j=energy / len(gains) if energy is not None and gains else None,
         )
 
     def to_dict(self) -> dict:

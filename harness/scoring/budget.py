@@ -103,12 +103,14 @@ class Budget:
 SUMMARY_KEYS = (
     "val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
     "total_tokens_M", "num_steps", "num_params_M", "depth",
-    "backend", "device", "preset", "eval_tokens", "tokens_per_sec", "unigram_bpb",
+    "backend", "device", "preset", "eval_tokens", "tokens_per_sec", "unigram_bpb", "energy_j", "mean_watts",
 )
+OPTIONAL_KEYS = ("energy_j", "mean_watts")  # printed only where measured (a GPU with an energy counter)
 _FORMATS = {
     "val_bpb": "{:.6f}", "unigram_bpb": "{:.6f}", "training_seconds": "{:.1f}",
     "total_seconds": "{:.1f}", "peak_vram_mb": "{:.1f}", "mfu_percent": "{:.2f}",
     "total_tokens_M": "{:.1f}", "num_params_M": "{:.1f}", "tokens_per_sec": "{:.0f}",
+    "energy_j": "{:.0f}", "mean_watts": "{:.0f}",
 }
 
 
@@ -117,6 +119,8 @@ def format_summary(values: dict) -> str:
     lines = ["---"]
     for key in SUMMARY_KEYS:
         value = values.get(key)
+        if value is None and key in OPTIONAL_KEYS:
+            continue
         if value is None:
             text = "unknown"
         elif key in _FORMATS:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from harness.config import CONFIG_ENV, RunConfig, load_config
+from harness.hardware.energy import EnergyMeter
 from harness.hardware.platform import compile_cache_env
 from harness.paths import trainer_path
 from harness.processes import Descendants, kill_marked_processes, kill_process_tree, new_process_group
@@ -70,6 +71,7 @@ class RunOutcome:
     log_path: Path
     run_dir: Path | None = None
     facts: dict = field(default_factory=dict)  # what the trainer reported: information only
+    energy_j: float | None = None  # the GPU's joules from spawn to verdict, read by the runner (None: no counter)
 
     @property
     def ok(self) -> bool:
@@ -102,6 +104,7 @@ def run_experiment(
     evaluator: EvaluatorProcess | None = None,
     marker: str | None = None,
     compile_cache: Path | None = None,
+    energy: EnergyMeter | None = None,
     extra_env: dict[str, str] | None = None,
     on_progress: Callable[[str], None] | None = None,
     on_start: Callable[[int], None] | None = None,
@@ -110,7 +113,8 @@ def run_experiment(
     then score it on `eval_set`. Never raises for a failing trainer or model (that is an outcome).
     `evaluator` is a warm evaluator to use (one is started and closed here otherwise); `on_start`
     gets the trainer's pid as soon as it exists; `on_progress` its latest log line, twice a second.
-    `compile_cache` keeps the compilers' caches between runs (a session's own folder)."""
+    `compile_cache` keeps the compilers' caches between runs (a session's own folder). `energy` is
+    the GPU's energy counter (harness.hardware.energy), read from spawn to verdict."""
     config = load_config(config_path)
     ev = config.evaluator
     device = device or os.environ.get(DEVICE_ENV) or config.device
@@ -121,6 +125,7 @@ def run_experiment(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     remove_bytecode(root)
     confinement = plan(trainer_denied_paths(eval_set))
+    joules_at_start = _joules(energy)
     start, wall_start = time.monotonic(), time.time()
     allowed = ev.TIME_BUDGET + ev.WARMUP_ALLOWANCE
     grace = max(KILL_GRACE_S, KILL_GRACE_FRACTION * ev.WARMUP_ALLOWANCE)
@@ -153,8 +158,12 @@ def run_experiment(
 
     def outcome(status: str, reason: str, summary: dict | None = None) -> RunOutcome:
         _drop_artifact(run_dir)
+        now = _joules(energy)
+        joules = now - joules_at_start if now is not None and joules_at_start is not None else None
+        if summary is not None and joules is not None:
+            summary.update(energy_j=joules, mean_watts=joules / max(summary["total_seconds"], 1e-9))
         return RunOutcome(status, reason, summary, proc.returncode, time.monotonic() - start, log_path, run_dir,
-                          facts)
+                          facts, joules)
 
     facts = read_facts(run_dir)
     if ended == "limit" and allowed + grace <= timeout:
@@ -180,9 +189,10 @@ def run_experiment(
     if summary is None:
         return outcome("leak" if reason.startswith("validation leak") else "crash", reason)
     summary["total_seconds"] = time.monotonic() - start
+    result = outcome("ok", "", summary)  # reads the energy counter: the summary then has the joules
     with open(log_path, "a", encoding="utf-8") as log:
         log.write("\n" + format_summary(summary) + "\n")
-    return outcome("ok", "", summary)
+    return result
 
 
 def evaluate_run(root: Path, config: RunConfig, run_dir: Path, *, device: str, seconds: float,
@@ -245,6 +255,15 @@ def build_summary(config: RunConfig, reply: dict, facts: dict, trainer_seconds: 
         "probe": reply.get("probe", {}),
         "evaluation_seconds": reply.get("seconds"),
     }
+
+
+def _joules(meter: EnergyMeter | None) -> float | None:
+    if meter is None:
+        return None
+    try:
+        return meter.read_joules()
+    except Exception:  # noqa: BLE001 - a counter that stops answering only costs the figure
+        return None
 
 
 def judge_exit(returncode: int, log: str) -> tuple[str, str] | None:
