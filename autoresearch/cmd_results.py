@@ -120,9 +120,9 @@ def _print_table(rows: list, shown: list, path: Path) -> None:
 def _print_holdout(rows, summary) -> None:
     """Validation against the holdout for the baseline and the best (the session's own ledger has
     the holdout; the repository's copy leaves it out)."""
-    from loop.holdout import holdout_check
+    from loop.holdout import check_floor, holdout_check
 
-    check = holdout_check(rows, max(2 * (summary.noise_sigma or 0.0), 3e-4))
+    check = holdout_check(rows, check_floor(summary.noise_sigma))
     if check is not None:
         out.print(f"holdout: {check.describe()}", markup=False)
 

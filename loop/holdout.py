@@ -36,16 +36,27 @@ class HoldoutCheck:
         lost = self.val_gain - self.holdout_gain
         return self.val_gain > self.floor and lost > max(self.floor, self.val_gain / 2)
 
-    def describe(self) -> str:
-        head = (f"validation {self.baseline_val:.6f} -> {self.best_val:.6f} ({-self.val_gain:+.6f}), "
-                f"holdout {self.baseline_holdout:.6f} -> {self.best_holdout:.6f} ({-self.holdout_gain:+.6f})")
+    @property
+    def verdict(self) -> str:
         if self.suspicious:
-            return head + ": validation overfit or leak suspected (the holdout did not follow)"
-        return head
+            return "the validation gain does not hold on the holdout: the changes may fit the validation set"
+        if self.val_gain <= self.floor:
+            return "no validation gain above the noise floor to check"
+        return "the validation gain holds on the holdout"
+
+    def describe(self) -> str:
+        return (f"validation {self.baseline_val:.6f} -> {self.best_val:.6f} ({-self.val_gain:+.6f}), "
+                f"holdout {self.baseline_holdout:.6f} -> {self.best_holdout:.6f} ({-self.holdout_gain:+.6f}): "
+                f"{self.verdict}")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "val_gain": self.val_gain, "holdout_gain": self.holdout_gain,
-                "suspicious": self.suspicious}
+                "suspicious": self.suspicious, "verdict": self.verdict}
+
+
+def check_floor(sigma: float | None) -> float:
+    """The gain a validation improvement must exceed to be checked: twice the noise, at least 3e-4."""
+    return max(2 * (sigma or 0.0), 3e-4)
 
 
 def holdout_check(rows: list[ResultRow], floor: float) -> HoldoutCheck | None:

@@ -7,8 +7,8 @@ process that moves the session branch. The rules that keep the ratchet correct i
 
 - a candidate is built on the best commit at the time it is proposed (in its worker's worktree);
 - when its run ends, it is judged against the best as it is then, under the session's rule:
-  - its base is still the best: the rule decides (a close call runs once more); a keep moves the
-    branch to it, so its parent is the best it beat;
+  - its base is still the best: the rule decides (an apparent keep runs once more to confirm); a
+    keep moves the branch to it, so its parent is the best it beat;
   - the best moved and it does not beat the new best: discard, with both commits in the reason;
   - the best moved and it beats the new best (or comes close): its change is re-applied on the new
     best (`git cherry-pick`) and run again; only that run can keep it. A change that no longer
@@ -37,6 +37,7 @@ import random
 import re
 import secrets
 import shutil
+import math
 import socket
 import statistics
 import subprocess
@@ -52,11 +53,13 @@ from harness.processes import kill_marked_processes
 from harness.scoring.runner import FRAMEWORK_OF, MARKER_ENV
 from loop.agents import build_prompt, facts_from_rows, memory_ceiling_gb, mutate, run_agent
 from loop.cluster import Cluster, kill_recorded, start_cluster, worker_env, worker_resources
-from loop.decide import decide
+from loop.decide import Policy, Run, decide_candidate
 from loop.driver import MAX_AGENT_FAILURES, MUTATE, MUTATE_ATTEMPTS, LoopPlan
 from loop.errors import FrozenEvaluatorError, SessionError
 from loop.journal import deferred_interrupt, write_loop_state
-from loop.ratchet import INTERRUPTED, KILL_AT_ENV, NO_COMMIT, REFUSED, Log, Session, TryResult, name_list, quiet
+from loop.noise import encode, noise
+from loop.ratchet import (INTERRUPTED, KILL_AT_ENV, NO_COMMIT, REFUSED, WINDOW, Log, Session, TryResult, name_list,
+                          quiet)
 from loop.results import RESULT_COLUMNS, ResultRow, sanitize
 from loop.session import SessionPaths, load_manifest
 from loop import workers
@@ -691,7 +694,13 @@ class ParallelLoop:
             return
         item.runs.append(value["summary"]["val_bpb"])
         item.summaries.append(value["summary"])
-        decision = decide(item.runs, standing.best_runs, standing.sigma, config.rule, config.z, config.min_floor)
+        # The sequential loop's rule (loop.decide): sigma pooled over the session's repeated runs, a
+        # screen, then a confirming run and a t test against the incumbent's recent runs. No speed
+        # probe here: workers on different nodes run at different speeds by design.
+        policy = Policy(rule=config.rule, z=config.z, min_floor=config.min_floor, max_drift_percent=math.inf)
+        incumbent = list(standing.incumbent) or [Run(v) for v in standing.best_runs]
+        decision = decide_candidate([Run(v) for v in item.runs], incumbent[-WINDOW:],
+                                    noise(self.session.verified_rows()), policy)
         if item.base == best:
             if decision.rerun_needed and len(item.runs) == 1:
                 self.log(f"{item.id}: {decision.reason}")
@@ -734,7 +743,9 @@ class ParallelLoop:
             num_steps=last.get("num_steps"), tokens_per_sec=last.get("tokens_per_sec"),
             backend=run.backend, preset=run.preset, device=str(last.get("device") or run.device),
             best_bpb=best_bpb if best_bpb is not None else standing.best_bpb, noise_sigma=standing.sigma,
+            sigma_dof=standing.dof,
             reason=reason, trainer_sha=item.trainer_sha if item is not None else trainer_sha,
+            runs=encode(list(item.runs)) if item is not None and scored else "",
             holdout_bpb=statistics.fmean(holdouts) if holdouts and scored else None,
             worker=(item.slot if item is not None else slot.name if slot else "") if self.ledger_has_worker else "",
             node=(item.node if item is not None else slot.node if slot else "") if self.ledger_has_worker else "")

@@ -26,7 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from loop.decide import noise_floor
-from loop.results import NOT_SCORED, ResultsFile, ResultsReport, baseline_of, read_results
+from loop.holdout import check_floor, holdout_check as check_rows
+from loop.results import NOT_SCORED, ResultsFile, ResultsReport, read_results
 from loop.session import SessionPaths, load_session_config, now_utc
 
 MAX_DIFF_LINES = 400  # a rewrite of the whole trainer is shown in part; the page stays readable
@@ -196,32 +197,18 @@ def failure_groups(table: ResultsFile, paths: SessionPaths) -> list[FailureGroup
 
 
 def holdout_check(table: ResultsFile, summary: ResultsReport) -> HoldoutCheck:
-    """Baseline against best on the holdout, beside the same pair on validation."""
-    values = [_number(table.value(i, "holdout_bpb")) for i in range(len(table.rows))]
-    recorded = sum(v is not None for v in values)
+    """Baseline against best on the holdout, beside the same pair on validation, judged as
+    `autoresearch results` judges it (loop.holdout)."""
+    recorded = sum(r.holdout_bpb is not None for r in table.rows)
     if not recorded:
         return HoldoutCheck(0, None, None, None, None, "no holdout recorded")
-    _, baseline_index = baseline_of(table.rows)
-    base_values = [v for r, v in zip(table.rows, values) if r.status == "baseline" and v is not None]
-    if baseline_index is not None and values[baseline_index] is not None:
-        base_values = [values[baseline_index]]
-    baseline_holdout = statistics.fmean(base_values) if base_values else None
-    best_index = summary.gains[-1].index - 1 if summary.gains else None
-    best_holdout = values[best_index] if best_index is not None else baseline_holdout
-    val_gain = summary.improvement
-    if baseline_holdout is None or best_holdout is None:
-        verdict = "holdout recorded, but not for both the baseline and the best"
-        return HoldoutCheck(recorded, baseline_holdout, best_holdout, val_gain, None, verdict)
-    holdout_gain = baseline_holdout - best_holdout
-    if not summary.gains:
-        verdict = "no change was kept: nothing to check"
-    elif holdout_gain <= 0:
-        verdict = "the validation gain does not hold on the holdout: the changes may fit the validation set"
-    elif val_gain and holdout_gain < 0.5 * val_gain:
-        verdict = "the holdout shows less than half of the validation gain"
-    else:
-        verdict = "the validation gain holds on the holdout"
-    return HoldoutCheck(recorded, baseline_holdout, best_holdout, val_gain, holdout_gain, verdict)
+    check = check_rows(table.rows, check_floor(summary.noise_sigma))
+    if check is None:
+        return HoldoutCheck(recorded, None, None, summary.improvement, None,
+                            "holdout recorded, but not for both the baseline and the best")
+    verdict = check.verdict if summary.gains else "no change was kept: nothing to check"
+    return HoldoutCheck(recorded, check.baseline_holdout, check.best_holdout, summary.improvement,
+                        check.holdout_gain, verdict)
 
 
 def cost_of(table: ResultsFile, summary: ResultsReport, created: str) -> Cost:

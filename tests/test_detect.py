@@ -528,7 +528,7 @@ def picked(choice):
 def test_h100_with_cuda_torch(presets):
     choice = choose(report_of(H100, torch=CUDA_TORCH), presets)
     assert picked(choice) == ("cuda", "cuda", "h100")
-    assert "capability 9.0" in choice.reasons["backend"] and "FA3 available" in choice.reasons["backend"]
+    assert "capability 9.0" in choice.reasons["backend"] and "tries FA3, then FA4, else SDPA" in choice.reasons["backend"]
     assert "preset h100" in choice.reasons["preset"]
 
 

@@ -176,6 +176,8 @@ def test_a_candidate_whose_base_went_stale_is_reapplied_and_run_again_or_discard
 
     first = rows["LOGIT_SCALE -> 0.7"]
     assert first.status == "keep" and first.worker == "w1"
+    # Judged as the one-worker loop judges: kept after a confirming run, against the pooled sigma.
+    assert len(first.runs.split(";")) == 2 and first.sigma_dof is not None, (first.runs, first.reason)
     kept = git(session, "rev-parse", first.commit)
     assert git(session, "rev-parse", f"{kept}^") == base
 
@@ -232,21 +234,21 @@ def test_a_worker_killed_mid_run_gives_one_worker_lost_crash_and_one_retry_elsew
 
 
 def test_the_head_killed_then_resumed_loses_no_row_and_leaves_nothing_running(session, tmp_path, test_cache):
-    """`kill -9` of the head just after its first verdict was journaled, while the other worker is
-    still training. The workers run here as on another node: from a copy of the session's tree the
+    """`kill -9` of the head just after its first verdict (a discard, decided on one run) was
+    journaled, while the other worker is still training. The workers run here as on another node: from a copy of the session's tree the
     head ships them (not a worktree), with their logs sent back."""
     agent = tmp_path / "agent.py"
     agent.write_text(AGENT)
-    command = f'"{sys.executable}" "{agent}" w1=LOGIT_SCALE=0.6 w2=SMOOTHING=2.0@3'
+    command = f'"{sys.executable}" "{agent}" w1=LOGIT_SCALE=0.4 w2=SMOOTHING=2.0@3'
     before = ledger(session)
     killed = cli(session, "loop", "--agent", command, "--workers", "2", "--max", "2",
                  AUTORESEARCH_TEST_KILL_AT="parallel-decided", AUTORESEARCH_TEST_SHIP_TREE="1", timeout=180)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     left = json.loads(in_flight_path(session_paths(session)).read_text())
     states = {e["description"]: e for e in left["experiments"]}
-    assert states["LOGIT_SCALE -> 0.6"]["state"] == "decided" and states["SMOOTHING -> 2.0"]["state"] == "running"
+    assert states["LOGIT_SCALE -> 0.4"]["state"] == "decided" and states["SMOOTHING -> 2.0"]["state"] == "running"
     assert ledger(session) == before  # journaled, not yet appended
-    decided = states["LOGIT_SCALE -> 0.6"]
+    decided = states["LOGIT_SCALE -> 0.4"]
     shipped = session_paths(session).logs / f"{decided['number']:04d}-{decided['commit'][:7]}-{decided['slot']}.log"
     assert "val_bpb:" in shipped.read_text()  # the log of a shipped run came back with its result
     trees = node_folder(test_cache, TAG, str(session_paths(session).directory))
@@ -258,12 +260,12 @@ def test_the_head_killed_then_resumed_loses_no_row_and_leaves_nothing_running(se
     rows = ledger(session)
     assert rows[:len(before)] == before
     new = rows[len(before):]
-    assert new[0].description == "LOGIT_SCALE -> 0.6" and new[0].status == decided["row"]["status"]  # once
+    assert new[0].description == "LOGIT_SCALE -> 0.4" and new[0].status == decided["row"]["status"]  # once
     assert new[1].description == "SMOOTHING -> 2.0" and new[1].status == "crash"
     assert new[1].reason.startswith("interrupted: the head died") and new[1].worker == "w2"
-    # The resumed loop's two iterations: LOGIT_SCALE 0.6 again is not run twice; SMOOTHING 2.0 runs.
+    # The resumed loop's two iterations: LOGIT_SCALE 0.4 again is not run twice; SMOOTHING 2.0 runs.
     assert [r.description for r in new[2:]] == ["SMOOTHING -> 2.0"] and new[2].status in ("keep", "discard")
-    assert sum(r.description == "LOGIT_SCALE -> 0.6" for r in rows) == 1
+    assert sum(r.description == "LOGIT_SCALE -> 0.4" for r in rows) == 1
     state = json.loads(session_paths(session).loop_state.read_text())
     assert state["state"] == "finished" and state["done"] == 2
     assert not trees.exists()

@@ -714,13 +714,18 @@ class Choice:
 
 
 def attention_note(accelerator: Accelerator) -> str:
-    """What attention kernel the cuda trainer can expect on this NVIDIA capability."""
-    capability = accelerator.compute_capability
-    if capability == "9.0":
-        return "FA3 available"
-    if capability and capability.startswith("8."):
-        return "FA3 available (kernels-community build)"
-    return f"no FA3 kernel for capability {capability or 'unknown'}: SDPA attention"
+    """What attention kernels the cuda trainer will try on this NVIDIA capability, best first (the
+    trainer proves each with a test call and falls back to SDPA)."""
+    from harness.hardware.platform import PlatformFacts, flash_attention_candidates
+
+    try:
+        major, minor = (int(part) for part in (accelerator.compute_capability or "").split(".")[:2])
+    except ValueError:
+        return "compute capability unknown: SDPA attention"
+    order, _ = flash_attention_candidates(PlatformFacts("cuda", capability=(major, minor)), "bf16")
+    if not order:
+        return f"no FlashAttention kernel for capability {major}.{minor}: SDPA attention"
+    return "tries " + ", then ".join(dict.fromkeys(source.kernel for source in order)) + ", else SDPA"
 
 
 def _torch_label(info: TorchInfo) -> str:
@@ -826,7 +831,7 @@ def _auto_backend(report: HardwareReport) -> tuple[str, str, str | None, str]:
         if torch.hip:
             return "rocm", "cuda", vendor, (
                 f"{label}, {_torch_label(torch)} -> backend rocm (HIP devices are torch's 'cuda')")
-        note = attention_note(device) if device else "FA3 if the capability allows"
+        note = attention_note(device) if device else "FlashAttention if the capability allows"
         return "cuda", "cuda", vendor, f"{label}, {_torch_label(torch)} -> backend cuda, {note}"
     if report.is_apple_silicon:
         chip = primary_accelerator(report, "apple")
