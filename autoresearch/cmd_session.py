@@ -249,6 +249,7 @@ def try_(
 
     with _guarded("autoresearch try"):
         session = Session.active(_root())
+        tracking = _tracker()
         update, stop = _progress()
         try:
             result = session.try_change(message, log=info, progress=update)
@@ -258,21 +259,28 @@ def try_(
         print_json(result.to_dict())
     else:
         print(result.line(), flush=True)
-    _track(session, result)
+    _track(tracking, session, result)
 
 
-def _track(session, result) -> None:
-    """Log the experiment to the tracker `AUTORESEARCH_TRACK` names (loop.tracking), if any."""
-    from pathlib import Path
-
-    from loop.tracking import track_experiment, tracker
+def _tracker() -> str | None:
+    """The tracker `AUTORESEARCH_TRACK` names (loop.tracking); an unknown one is named before any
+    experiment runs, and the experiments go on untracked."""
+    from loop.tracking import tracker
 
     try:
-        name = tracker()
+        return tracker()
     except ValueError as exc:
-        warn(str(exc))
-        return
-    if name and result.row is not None:
+        warn(f"{exc}; experiments are not tracked")
+        return None
+
+
+def _track(tracking: str | None, session, result) -> None:
+    """Log the experiment to the tracker, if one is on."""
+    from pathlib import Path
+
+    from loop.tracking import track_experiment
+
+    if tracking and result.row is not None:
         run_dir = session.paths.runs / Path(result.log).stem if result.log else None
         info(track_experiment(f"autoresearch-{session.config.tag}", result.row, run_dir))
 
@@ -320,13 +328,15 @@ def _parallel(workers: int, address: str | None, wave: bool):
 def _loop(session, plan, json_output: bool, token: str, resumed: bool = False, parallel=None) -> None:
     from loop.driver import run_loop
 
+    tracking = _tracker()
+
     def emit(result) -> None:
         if json_output:
             sys.stdout.write(json.dumps(result.to_dict(), default=str) + "\n")
         else:
             sys.stdout.write(result.line() + "\n")
         sys.stdout.flush()
-        _track(session, result)
+        _track(tracking, session, result)
 
     update, stop = _progress()
     try:

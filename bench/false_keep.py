@@ -23,6 +23,7 @@ import math
 import os
 import random
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -31,7 +32,7 @@ from pathlib import Path
 from project import PROJECT, copy_tree, set_up, sh
 
 sys.path.insert(0, str(PROJECT))
-from loop.decide import Policy, Run, decide_candidate  # noqa: E402
+from loop.decide import DEFAULT_MIN_FLOOR, Policy, Run, critical_value, decide_candidate  # noqa: E402
 from loop.noise import noise, runs_per_experiment  # noqa: E402
 
 TRAINER = "backends/cuda/train.py"
@@ -127,10 +128,49 @@ def run_bench(root: Path, items: list) -> None:
     print(f"\nsigma {sigma.sigma:.4f} ({sigma.dof} dof, pooled); noise-rule runs per experiment: "
           f"{cost['runs_per_experiment']:.2f} (confirmations {cost['confirmations']:.2f}, voided runs {cost['voids']:.2f}, "
           f"re-checks {cost['rechecks']:.2f}); experiments left void: {voids}")
+    print_tradeoff([(kind, row) for (kind, _, _), row in zip(items, experiment_rows(rows))])
     noise_fk = sum(v == "keep" for v in verdicts["noise"]["null"]) / max(len(verdicts["noise"]["null"]), 1)
     noise_pw = sum(v == "keep" for v in verdicts["noise"]["true"]) / max(len(verdicts["noise"]["true"]), 1)
     print(f"targets (noise: false keeps <= 5 %, power >= 80 %): false keeps {'met' if noise_fk <= 0.05 else 'NOT met'}, "
           f"power {'met' if noise_pw >= 0.8 else 'NOT met'}")
+
+
+# -- the trade-off: the same runs judged at other levels ------------------------------------------
+
+CONFIRMED = re.compile(r"gain ([-+]\d+\.\d+) \(mean of .*?sigma (\d+\.\d+), (\d+) dof, (\d+) vs (\d+) runs\)")
+
+
+def experiment_rows(rows: list) -> list:
+    """The ledger's experiment rows (not the baseline or the re-checks of the best), in order."""
+    return [r for r in rows if r.status not in ("baseline", "recheck")]
+
+
+def replay(reason: str, z: float, min_floor: float = DEFAULT_MIN_FLOOR) -> bool | None:
+    """Would a confirmed candidate (two runs, its gain and the t test's inputs in `reason`) be kept
+    at level z? None for a verdict taken on one run (screened out: the screen is the same at any
+    z), or without a t test's figures (void, crash)."""
+    found = CONFIRMED.search(reason)
+    if found is None:
+        return None
+    gain, sigma, dof, n, m = float(found[1]), float(found[2]), int(found[3]), int(found[4]), int(found[5])
+    se = sigma * math.sqrt(1 / n + 1 / m)
+    return gain > max(critical_value(z, dof) * se, min_floor)
+
+
+def print_tradeoff(judged: list[tuple[str, object]], levels: tuple[float, ...] = (1.5, 2.0, 2.5, 3.0)) -> None:
+    """False keeps and power of the noise rule at other levels z, replayed on this session's runs
+    (exact for z at or above the screen's: only the confirmation test moves)."""
+    print("\ntrade-off, the same runs judged at other z (one-sided t test after the confirming run):")
+    print(f"{'z':>5} {'alpha':>7} {'false keeps':>14} {'power':>12}")
+    for z in levels:
+        keeps = {"null": 0, "true": 0}
+        counts = {"null": 0, "true": 0}
+        for kind, row in judged:
+            counts[kind] += 1
+            keeps[kind] += bool(replay(row.reason, z))
+        alpha = 1 - statistics.NormalDist().cdf(z)
+        print(f"{z:5.1f} {alpha:7.3f} {keeps['null']:>4}/{counts['null']} = {keeps['null'] / max(counts['null'], 1):4.0%}"
+              f" {keeps['true']:>3}/{counts['true']} = {keeps['true'] / max(counts['true'], 1):4.0%}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ cherry-picks onto a moved best, the chained ledger, the in-flight journal, and t
 built for every proposal (as an agent loop would, though `mutate` does not read it).
 
 For W = 1, 2, 8, 32 workers on a local Ray cluster it runs ROUNDS x W experiments and prints
-experiments per hour against the ideal W x 3600 / budget, and the head's busy time per experiment
+runs per hour against the ideal W x 3600 / budget, and the head's busy time per experiment
 (time spent proposing, dispatching, judging and recording, split into its parts). Target: >= 90 %
 of the ideal at W = 32.
 
@@ -24,16 +24,15 @@ import math
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parents[1]
+from project import PROJECT, copy_tree, set_up, sh
+
 sys.path.insert(0, str(PROJECT))
-TREE = ("autoresearch", "harness", "loop", "backends", "presets", "program.md", "pyproject.toml", ".gitignore")
 TARGET = 0.90
 
 from loop.workers import ExperimentWorker  # noqa: E402
@@ -66,28 +65,11 @@ class SleepingWorker(ExperimentWorker):
         return self._result("ok", "", summary=summary, seconds=budget, ended=time.time())
 
 
-def sh(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(args)} failed in {cwd}:\n{done.stderr[-3000:]}")
-    return done
-
-
 def make_session(root: Path, budget: float, env: dict[str, str]) -> None:
     """A project copy, set up for cpu-tiny, with a session whose baseline the real trainer measured."""
-    root.mkdir(parents=True)
-    for name in TREE:
-        src = PROJECT / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            shutil.copy2(src, root / name)
+    copy_tree(root)
+    set_up(root, env, f"TIME_BUDGET={budget:g}")
     cli = [sys.executable, "-m", "autoresearch"]
-    git = ["git", "-c", "user.email=bench@example.com", "-c", "user.name=bench"]
-    sh([*git, "init", "-q", "-b", "main"], root, env)
-    sh([*cli, "setup", "--preset", "cpu-tiny", "--data", "builtin", "--set", f"TIME_BUDGET={budget:g}"], root, env)
-    sh([*git, "add", "-A"], root, env)
-    sh([*git, "commit", "-q", "-m", "setup"], root, env)
     sh([*cli, "session", "start", "bench", "--repeats", "2"], root, env)
 
 
@@ -104,6 +86,7 @@ def measure(template: Path, scratch: Path, workers: int, rounds: int, budget: fl
     os.environ["AUTORESEARCH_ROOT"] = str(root)
     busy: dict[str, float] = defaultdict(float)
     ended: dict[str, float] = {}  # slot -> when its worker's last experiment ended
+    runs = [0]  # runs dispatched: an experiment with a confirming run (or a re-run on a moved best) has two
     gaps: list[float] = []  # a worker's wait from the end of one experiment to the start of its next
     mutate = loop.parallel.mutate
 
@@ -136,6 +119,7 @@ def measure(template: Path, scratch: Path, workers: int, rounds: int, budget: fl
             busy["git + dispatch"] += time.monotonic() - start
 
         def _dispatch(self, slot, item, fresh=False):
+            runs[0] += 1
             super()._dispatch(slot, item, fresh)
             if slot.name in ended:  # how long this worker waited for its next experiment
                 gaps.append(time.time() - ended.pop(slot.name))
@@ -175,7 +159,7 @@ def measure(template: Path, scratch: Path, workers: int, rounds: int, budget: fl
     stale = sum(r.reason.startswith("stale") for r in experiments)
     loop.parallel.mutate = mutate
     shutil.rmtree(root, ignore_errors=True)
-    return {"workers": workers, "experiments": len(experiments), "wall": wall, "start": TimedLoop.ready_at - started,
+    return {"workers": workers, "experiments": len(experiments), "runs": runs[0], "wall": wall, "start": TimedLoop.ready_at - started,
             "busy": dict(busy), "statuses": dict(statuses), "reapplied": reapplied, "stale": stale, "gaps": gaps,
             "proposals": len(rows)}
 
@@ -202,26 +186,28 @@ def main() -> None:
         make_session(template, args.budget, env)
         print(f"(session set up and its baseline measured by the real trainer in {time.monotonic() - setup_start:.0f} s)\n",
               flush=True)
-        print(f"{'W':>3} {'exps':>5} {'wall s':>7} {'exp/h':>8} {'ideal':>8} {'of ideal':>8} {'head ms/exp':>12} "
-              f"{'wait ms':>8}  verdicts; where the head's time went (ms/exp)")
+        print(f"{'W':>3} {'exps':>5} {'runs':>5} {'wall s':>7} {'runs/h':>8} {'ideal':>8} {'of ideal':>8} "
+              f"{'head ms/exp':>12} {'wait ms':>8}  verdicts; where the head's time went (ms/exp)")
         results = []
         for workers in counts:
             result = measure(template, scratch, workers, args.rounds, args.budget)
             results.append(result)
             n = result["experiments"]
-            rate = n / result["wall"] * 3600
+            rate = result["runs"] / result["wall"] * 3600
             ideal = workers * 3600 / args.budget
             head = sum(result["busy"].values()) / n * 1000
             wait = statistics.fmean(result["gaps"]) * 1000 if result["gaps"] else float("nan")
             verdicts = ", ".join(f"{k} {v}" for k, v in sorted(result["statuses"].items()))
             parts = ", ".join(f"{k} {v / n * 1000:.0f}" for k, v in result["busy"].items())
-            print(f"{workers:>3} {n:>5} {result['wall']:>7.1f} {rate:>8.0f} {ideal:>8.0f} {rate / ideal:>8.1%} "
+            print(f"{workers:>3} {n:>5} {result['runs']:>5} {result['wall']:>7.1f} {rate:>8.0f} {ideal:>8.0f} {rate / ideal:>8.1%} "
                   f"{head:>12.0f} {wait:>8.0f}  {verdicts} (re-applied {result['reapplied']}, stale {result['stale']}); {parts}",
                   flush=True)
         last = results[-1]
-        rate = last["experiments"] / last["wall"] * 3600 / (last["workers"] * 3600 / args.budget)
+        rate = last["runs"] / last["wall"] * 3600 / (last["workers"] * 3600 / args.budget)
         steady = args.budget / (args.budget + statistics.fmean(last["gaps"])) if last["gaps"] else float("nan")
-        print(f"\nwall: from the moment every worker is up to the last verdict (Ray's and the workers' start-up, "
+        print(f"\nruns/h against the ideal W x 3600 / budget: a run is the unit a worker's time goes to (the noise "
+              f"rule's confirming runs are the\nrule's cost, bench/false_keep.py, not the head's).\n"
+              f"wall: from the moment every worker is up to the last verdict (Ray's and the workers' start-up, "
               f"once per loop, left out);\nit includes the first round's ramp (the head proposes one candidate at a "
               f"time) and the last round's drain.\nwait: a worker's mean wait from the end of one experiment to the "
               f"start of its next (judge, propose, commit, dispatch);\nin a long loop every worker is busy "

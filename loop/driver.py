@@ -110,15 +110,10 @@ def run_loop(session: Session, plan: LoopPlan, emit: Callable[[TryResult], None]
             del os.environ[LOCK_TOKEN_ENV]
 
 
-def _ask_agent(session: Session, plan: LoopPlan, number: int, failures: int, memory_ceiling: float | None,
-               log: Log) -> tuple[str, int]:
-    """Run the agent command once on the prompt for this iteration; its reply is kept in the
-    session's logs. Returns the description of its change and how many calls in a row have now
-    failed (exited with an error, changing nothing); raises SessionError once that many say the
-    command itself is broken."""
-    standing = session.standing()
+def session_facts(session: Session, standing, memory_ceiling: float | None):
+    """What an agent's prompt says of the session (loop.agents.facts_from_rows), as it stands."""
     program = session.root / "program.md"
-    facts = facts_from_rows(
+    return facts_from_rows(
         program.read_text(encoding="utf-8") if program.is_file() else "",
         session.config.backend, session.config.preset, session.config.trainer, standing.rows,
         noise_floor=standing.floor if session.config.rule == "noise" else None,
@@ -126,6 +121,16 @@ def _ask_agent(session: Session, plan: LoopPlan, number: int, failures: int, mem
         time_budget=session.config.run.evaluator.TIME_BUDGET, rule=session.config.rule,
         memory_ceiling_gb=memory_ceiling,
     )
+
+
+def _ask_agent(session: Session, plan: LoopPlan, number: int, failures: int, memory_ceiling: float | None,
+               log: Log) -> tuple[str, int]:
+    """Run the agent command once on the prompt for this iteration; its reply is kept in the
+    session's logs. Returns the description of its change and how many calls in a row have now
+    failed (exited with an error, changing nothing); raises SessionError once that many say the
+    command itself is broken."""
+    standing = session.standing()
+    facts = session_facts(session, standing, memory_ceiling)
     log(f"iteration {number}: running the agent")
     outcome = run_agent(plan.agent, build_prompt(facts), session.root, plan.agent_timeout)
     session.paths.logs.mkdir(parents=True, exist_ok=True)

@@ -51,10 +51,10 @@ from harness.files import atomic_write_text, sha256_file
 from harness.paths import cache_dir
 from harness.processes import kill_marked_processes
 from harness.scoring.runner import FRAMEWORK_OF, MARKER_ENV
-from loop.agents import build_prompt, facts_from_rows, memory_ceiling_gb, mutate, run_agent
+from loop.agents import build_prompt, memory_ceiling_gb, mutate, run_agent
 from loop.cluster import Cluster, kill_recorded, start_cluster, worker_env, worker_resources
 from loop.decide import Policy, Run, decide_candidate
-from loop.driver import MAX_AGENT_FAILURES, MUTATE, MUTATE_ATTEMPTS, LoopPlan
+from loop.driver import MAX_AGENT_FAILURES, MUTATE, MUTATE_ATTEMPTS, LoopPlan, session_facts
 from loop.errors import FrozenEvaluatorError, SessionError
 from loop.journal import deferred_interrupt, write_loop_state
 from loop.noise import encode, noise
@@ -375,23 +375,7 @@ class ParallelLoop:
         if self.executor is not None:
             self._stop_agents()
             self.executor.shutdown(wait=True, cancel_futures=True)
-        try:
-            import ray
-
-            if ray.is_initialized():
-                closing = [s.actor.close.remote() for s in self.slots.values() if s.actor is not None and s.usable]
-                try:
-                    ray.wait(closing, num_returns=len(closing), timeout=10)
-                except Exception:  # noqa: BLE001 - a dead worker has nothing to close
-                    pass
-                for slot in self.slots.values():
-                    if slot.actor is not None:
-                        ray.kill(slot.actor)
-        except ImportError:
-            pass
-        for item in self.experiments.values():
-            if item.marker:
-                kill_marked_processes(item.marker, MARKER_ENV)
+        self._stop_workers(close_first=True)
         if self.cluster is not None:
             self.cluster.shutdown()
         self.worktrees.remove_all()
@@ -433,17 +417,8 @@ class ParallelLoop:
         return None
 
     def _standing_facts(self):
-        session = self.session
         standing = self.standing()
-        program = session.root / "program.md"
-        facts = facts_from_rows(
-            program.read_text(encoding="utf-8") if program.is_file() else "",
-            session.config.backend, session.config.preset, session.config.trainer, standing.rows,
-            noise_floor=standing.floor if session.config.rule == "noise" else None,
-            noise_sigma=standing.sigma or None, device=session.config.run.device,
-            time_budget=session.config.run.evaluator.TIME_BUDGET, rule=session.config.rule,
-            memory_ceiling_gb=self.memory_ceiling)
-        return standing, facts
+        return standing, session_facts(self.session, standing, self.memory_ceiling)
 
     def prompt(self) -> str:
         """The agent's prompt: program.md with the standing, and the experiments in flight."""
@@ -736,6 +711,9 @@ class ParallelLoop:
         last = summaries[-1] if summaries else {}
         peaks = [s.get("peak_vram_mb") for s in summaries if isinstance(s.get("peak_vram_mb"), (int, float))]
         holdouts = [s.get("holdout_bpb") for s in summaries if isinstance(s.get("holdout_bpb"), (int, float))]
+        metered = [s for s in summaries if isinstance(s.get("energy_j"), (int, float))]
+        energy_j = sum(s["energy_j"] for s in metered) if metered else None
+        metered_s = sum(s.get("total_seconds") or 0.0 for s in metered)
         return ResultRow(
             commit=commit, val_bpb=value if scored else 0.0,
             memory_gb=round(max(peaks) / 1024, 1) if peaks and scored else 0.0, status=status,
@@ -746,6 +724,7 @@ class ParallelLoop:
             sigma_dof=standing.dof,
             reason=reason, trainer_sha=item.trainer_sha if item is not None else trainer_sha,
             runs=encode(list(item.runs)) if item is not None and scored else "",
+            energy_j=energy_j, mean_watts=energy_j / metered_s if energy_j is not None and metered_s > 0 else None,
             holdout_bpb=statistics.fmean(holdouts) if holdouts and scored else None,
             worker=(item.slot if item is not None else slot.name if slot else "") if self.ledger_has_worker else "",
             node=(item.node if item is not None else slot.node if slot else "") if self.ledger_has_worker else "")
@@ -810,11 +789,19 @@ class ParallelLoop:
             except (psutil.Error, OSError):
                 continue
 
-    def _stop_workers(self) -> None:
+    def _stop_workers(self, close_first: bool = False) -> None:
+        """Kill the workers' actors (`close_first`: after they closed their evaluators and meters,
+        10 s at most) and the trainers of the experiments in flight."""
         try:
             import ray
 
             if ray.is_initialized():
+                if close_first:
+                    closing = [s.actor.close.remote() for s in self.slots.values() if s.actor is not None and s.usable]
+                    try:
+                        ray.wait(closing, num_returns=len(closing), timeout=10)
+                    except Exception:  # noqa: BLE001 - a dead worker has nothing to close
+                        pass
                 for slot in self.slots.values():
                     if slot.actor is not None:
                         ray.kill(slot.actor)

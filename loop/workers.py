@@ -172,6 +172,7 @@ class ExperimentWorker:
             self.session_dir = node_dir
         self.config_path = self._write_run_config()
         self.evaluator = None
+        self.energy = None  # this worker's GPU energy counter (harness.hardware.energy), where there is one
         # A run without a warm evaluator finds the evaluation set through the tree's pointer (an
         # ignored file: `.autoresearch/` in a worktree, whose `.git` is a file).
         from harness.scoring.evalset import save_eval_pointer
@@ -203,7 +204,13 @@ class ExperimentWorker:
         facts = {"slot": self.slot, "node": self.state_.node, "pid": os.getpid(),
                  "started": _start_time(os.getpid()), "ok": not problems,
                  "reason": "" if not problems else self._refusal(problems)}
-        if problems or not self.package.warm_evaluator:
+        if problems:
+            return facts
+        from harness.hardware.energy import EnergyMeter
+        from harness.scoring.context import DEVICE_ENV
+
+        self.energy, _ = EnergyMeter.open(os.environ.get(DEVICE_ENV) or self.package.device)  # the GPU Ray gave it
+        if not self.package.warm_evaluator:
             return facts
         try:
             self.evaluator = self._start_evaluator()
@@ -239,6 +246,9 @@ class ExperimentWorker:
             self._set(experiment="", phase="idle", line="", trainer_pid=None, since=time.time())
 
     def close(self) -> None:
+        if self.energy is not None:
+            self.energy.close()
+            self.energy = None
         if self.evaluator is not None:
             self.evaluator.close()
             self.evaluator = None
@@ -297,7 +307,7 @@ class ExperimentWorker:
             self.tree, self.package.backend, self.config_path, log_path, eval_set=self.eval_set,
             run_dir=self.session_dir / "runs" / log_path.stem, timeout=self.package.timeout,
             evaluator=self.evaluator, marker=job["marker"], compile_cache=self.session_dir / "compile-cache",
-            on_start=lambda pid: self._set(trainer_pid=pid), on_progress=lambda line: self._set(line=line))
+            energy=self.energy, on_start=lambda pid: self._set(trainer_pid=pid), on_progress=lambda line: self._set(line=line))
         log = "" if self.local else _tail(log_path)  # the head keeps the logs of other nodes' runs
         return self._result(outcome.status, outcome.reason, summary=outcome.summary, seconds=outcome.seconds,
                             log=log)

@@ -51,7 +51,7 @@ def test_the_runner_reads_the_counter_from_spawn_to_verdict(tiny_setup_factory, 
 
 def test_the_ledger_and_results_carry_the_energy(test_cache: Path, tmp_path: Path, monkeypatch):
     root = make_repo(tmp_path / "repo", TIME_BUDGET="2", WARMUP_ALLOWANCE="4")
-    assert cli(root, "session", "start", TAG, "--repeats", "2").returncode == 0
+    assert cli(root, "session", "start", TAG, "--repeats", "1").returncode == 0
     monkeypatch.setenv("AUTORESEARCH_DEVICE", "cpu")
     session = Session.active(root)
     session.energy = meter()  # the GPU counter the session would open on a GPU machine
