@@ -4,14 +4,16 @@ One session (builtin data, a short budget, the preset's 5 baseline runs, the noi
 a shuffled order so that both kinds meet the same machine drift:
 - N null changes: half comment-only, half seed-only (`SEED = 1000 + i`): nothing a rule should keep;
 - M copies of a true change, `UNEMBEDDING_LR` 0.004 -> 0.008 (each with its own comment, so none is
-  reused): measured on this machine at ~0.03 bpb, about 2.6-2.8 sigma of a quiet cpu-tiny run at 15 s.
+  reused): ~0.03 bpb on this 2-core machine, 2.6-2.8 sigma on a quiet day's runs at 15 s, 1.5 sigma
+  in the run quoted in DESIGN.md (sigma 0.018-0.020 that day).
 Every try is judged against the same incumbent (`try_change(advance=False)`: a keep is counted,
 never made the best). The noise rule's verdicts are the ratchet's own (confirmation runs, re-checks
 of the incumbent, voids included); the strict rule's are upstream's rule applied to the same first
 run of each try against the same incumbent runs, so both rules see the same noise.
 
 Prints the false-keep rate and the power of each rule with 95 % Wilson intervals, the runs per
-experiment and experiments per hour. Targets: noise false keeps <= 5 %, power >= 80 %.
+experiment and experiments per hour, then the trade-off: the same runs judged at other levels z.
+Targets: noise false keeps <= 5 %, power >= 80 %.
 
     python bench/false_keep.py [--budget 15] [--null 40] [--true 10] [--seed 0]
 """
