@@ -88,6 +88,7 @@ def start(
     z: Annotated[float, typer.Option("--z", help="Noise rule: a kept gain passes a one-sided t test at the normal tail of z sigmas (pooled sigma).")] = 2.0,
     min_floor: Annotated[float, typer.Option("--min-floor", help="Noise rule: the floor never drops below this (val_bpb).")] = 3e-4,
     max_drift: Annotated[float, typer.Option("--max-drift", min=0, help="Noise rule: a run whose machine speed moved more than this many percent from the best's is void and run again (0: never void).")] = 25.0,
+    recheck_every: Annotated[int, typer.Option("--recheck-every", min=1, help="Noise rule: re-run the best after this many experiments judged against it.")] = 5,
     repeats: Annotated[Optional[int], typer.Option("--repeats", min=1, help="Baseline runs that measure the noise (default: the preset's BASELINE_REPEATS).")] = None,
     timeout: Annotated[Optional[float], typer.Option("--timeout", min=1, help="Hard limit of one trainer run in seconds (default: 2 x TIME_BUDGET + 300).")] = None,
     json_output: JsonOpt = False,
@@ -103,7 +104,8 @@ def start(
         update, stop = _progress()
         try:
             session = Session.start(_root(), tag, rule=rule, z=z, min_floor=min_floor, repeats=repeats,
-                                    timeout=timeout, max_drift=max_drift, log=info, progress=update)
+                                    timeout=timeout, max_drift=max_drift, recheck_every=recheck_every, log=info,
+                                    progress=update)
         except BaselineFailed as exc:
             err.print(exc.log_tail, markup=False, highlight=False)
             raise

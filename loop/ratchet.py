@@ -107,7 +107,7 @@ INTERRUPTED = "interrupted"
 NO_COMMIT = "-"  # the commit column of a row whose change was never committed
 REFUSED = ("leak", "tampered")  # run outcomes that make an experiment `rejected`
 WINDOW = 5  # incumbent runs a candidate is compared with (loop.decide.incumbent_window)
-RECHECK_EVERY = 5  # experiments judged against one incumbent before it is re-run
+RECHECK_EVERY = 5  # default of --recheck-every: experiments judged against one incumbent before it is re-run
 MAX_VOIDS = 3  # runs of a candidate voided in a row before it is left unjudged
 MAX_RECHECKS = 2  # re-checks of the incumbent within one experiment
 SLOWDOWN_ENV = "AUTORESEARCH_TEST_SLOWDOWN"  # tests: "K:candidate" reads the machine K times slower around candidate runs
@@ -245,13 +245,14 @@ class Session:
     @classmethod
     def start(cls, root: Path, tag: str, rule: str = "noise", z: float = DEFAULT_Z,
               min_floor: float = DEFAULT_MIN_FLOOR, repeats: int | None = None, timeout: float | None = None,
-              max_drift: float = DEFAULT_MAX_DRIFT_PERCENT, log: Log = quiet, progress: Log | None = None) -> "Session":
+              max_drift: float = DEFAULT_MAX_DRIFT_PERCENT, recheck_every: int = RECHECK_EVERY, log: Log = quiet,
+              progress: Log | None = None) -> "Session":
         """Create the session (branch, config, manifest) and measure the baseline. The caller
         holds the lock. On a failed baseline everything it created is removed again."""
         if rule not in RULES:
             raise SessionError(f"unknown rule {rule!r}", f"use one of: {', '.join(RULES)}")
-        if z <= 0 or min_floor < 0 or max_drift < 0:
-            raise SessionError("--z must be positive, --min-floor and --max-drift not negative")
+        if z <= 0 or min_floor < 0 or max_drift < 0 or recheck_every < 1:
+            raise SessionError("--z must be positive, --min-floor and --max-drift not negative, --recheck-every at least 1")
         git = Git(root)
         existing = active_tag(root)
         if existing is not None:
@@ -297,7 +298,7 @@ class Session:
             min_floor=float(min_floor), repeats=int(repeats),
             timeout=float(timeout or default_timeout(run.evaluator.TIME_BUDGET)),
             trainer=trainer.relative_to(root).as_posix(), base_commit=base, run=run, created=now_utc(),
-            eval_set=str(eval_set), chained=True, max_drift=float(max_drift),
+            eval_set=str(eval_set), chained=True, max_drift=float(max_drift), recheck_every=int(recheck_every),
         )
         previous_branch = git.branch() or base
         save_session_config(config, paths)
@@ -711,7 +712,7 @@ class Session:
             window = incumbent
             if policy.rule == "noise":
                 window = incumbent_window(incumbent, run.speed, policy.max_drift_percent, WINDOW)
-                due = experiments_since_recheck(standing.rows) >= RECHECK_EVERY and not rechecks
+                due = experiments_since_recheck(standing.rows) >= self.config.recheck_every and not rechecks
                 while (len(window) < 2 or due) and rechecks < MAX_RECHECKS:
                     rechecks += 1  # a keep, a drifted machine or a long stretch: measure the incumbent now
                     due = False
@@ -843,6 +844,7 @@ class Session:
             "tag": self.config.tag, "branch": self.config.branch, "backend": self.config.backend,
             "preset": self.config.preset, "device": self.config.run.device, "rule": self.config.rule,
             "z": self.config.z, "min_floor": self.config.min_floor, "max_drift": self.config.max_drift,
+            "recheck_every": self.config.recheck_every,
             "timeout": self.config.timeout,
             "trainer": self.config.trainer, "created": self.config.created,
             "baseline_bpb": standing.baseline_bpb, "baseline_runs": standing.baseline_runs,

@@ -65,6 +65,7 @@ class SessionConfig:
     eval_set: str = ""  # the evaluator's data (harness.scoring.evalset), out of the trainer's reach
     chained: bool = False  # ledger rows carry a hash chain (loop.integrity); False in older sessions
     max_drift: float = 25.0  # noise rule: percent of machine-speed drift that voids a run (0: never)
+    recheck_every: int = 5  # noise rule: experiments judged against one incumbent before it is re-run
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

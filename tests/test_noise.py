@@ -15,14 +15,16 @@ import pytest
 from ratchet_helpers import TAG, assert_clean_on_branch, cli, ledger, make_repo
 
 from loop.noise import decode
-from loop.ratchet import RECHECK_EVERY
 
 pytestmark = pytest.mark.slow
 
 
-def start(tmp_path_factory: pytest.TempPathFactory, max_drift: str) -> Path:
+RECHECK_EVERY = 2  # the steady session's --recheck-every (the default, 5, costs three more experiments)
+
+
+def start(tmp_path_factory: pytest.TempPathFactory, max_drift: str, *options: str) -> Path:
     root = make_repo(tmp_path_factory.mktemp("noise") / "repo", TIME_BUDGET="2", WARMUP_ALLOWANCE="4")
-    result = cli(root, "session", "start", TAG, "--repeats", "2", "--max-drift", max_drift)
+    result = cli(root, "session", "start", TAG, "--repeats", "2", "--max-drift", max_drift, *options)
     assert result.returncode == 0, result.stderr
     return root
 
@@ -35,7 +37,7 @@ def session(test_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def steady(test_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A session that never voids: its verdicts do not hang on this machine's other jobs."""
-    return start(tmp_path_factory, "0")
+    return start(tmp_path_factory, "0", "--recheck-every", str(RECHECK_EVERY))
 
 
 def add_comment(root: Path, text: str) -> None:
@@ -78,7 +80,7 @@ def test_a_real_gain_is_confirmed_by_a_second_run_and_every_repeat_pools_into_si
     assert result.stdout.startswith("keep "), result.stdout + result.stderr
     kept = ledger(session)[-1]
     assert len(decode(kept.runs)) == 2  # an apparent keep is confirmed before it is kept
-    for i in range(RECHECK_EVERY + 1):  # after five experiments against one incumbent, it is re-run
+    for i in range(RECHECK_EVERY + 1):  # after RECHECK_EVERY experiments against one incumbent, it is re-run
         add_comment(session, f"null change {i}")
         result = cli(session, "try", "-m", f"a comment on the new best ({i})")
         assert result.returncode == 0 and result.stdout.startswith("discard "), result.stdout
@@ -87,7 +89,7 @@ def test_a_real_gain_is_confirmed_by_a_second_run_and_every_repeat_pools_into_si
     assert [r.trainer_sha for r in rechecks] == [kept.trainer_sha]
     # Every repeated measurement pools into sigma: the baseline's, the confirmation's, the re-check's.
     status = json.loads(cli(session, "session", "status", "--json").stdout)
-    assert status["sigma_dof"] == 1 + 1 + 1
+    assert status["sigma_dof"] == 1 + 1 + 1 and status["recheck_every"] == RECHECK_EVERY
     cost = status["cost"]
     n = RECHECK_EVERY + 2
     assert cost["experiments"] == n and cost["runs_per_experiment"] == pytest.approx((2 + (n - 1) + 1) / n)
