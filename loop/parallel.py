@@ -58,8 +58,8 @@ from loop.driver import MAX_AGENT_FAILURES, MUTATE, MUTATE_ATTEMPTS, LoopPlan, s
 from loop.errors import FrozenEvaluatorError, SessionError
 from loop.journal import deferred_interrupt, write_loop_state
 from loop.noise import encode, noise
-from loop.ratchet import (INTERRUPTED, KILL_AT_ENV, NO_COMMIT, REFUSED, WINDOW, Log, Session, TryResult, name_list,
-                          quiet)
+from loop.ratchet import (INTERRUPTED, KILL_AT_ENV, NO_COMMIT, REFUSED, WINDOW, Log, Session, TryResult, energy_columns,
+                          name_list, quiet)
 from loop.results import RESULT_COLUMNS, ResultRow, sanitize
 from loop.session import SessionPaths, load_manifest
 from loop import workers
@@ -711,9 +711,6 @@ class ParallelLoop:
         last = summaries[-1] if summaries else {}
         peaks = [s.get("peak_vram_mb") for s in summaries if isinstance(s.get("peak_vram_mb"), (int, float))]
         holdouts = [s.get("holdout_bpb") for s in summaries if isinstance(s.get("holdout_bpb"), (int, float))]
-        metered = [s for s in summaries if isinstance(s.get("energy_j"), (int, float))]
-        energy_j = sum(s["energy_j"] for s in metered) if metered else None
-        metered_s = sum(s.get("total_seconds") or 0.0 for s in metered)
         return ResultRow(
             commit=commit, val_bpb=value if scored else 0.0,
             memory_gb=round(max(peaks) / 1024, 1) if peaks and scored else 0.0, status=status,
@@ -724,7 +721,7 @@ class ParallelLoop:
             sigma_dof=standing.dof,
             reason=reason, trainer_sha=item.trainer_sha if item is not None else trainer_sha,
             runs=encode(list(item.runs)) if item is not None and scored else "",
-            energy_j=energy_j, mean_watts=energy_j / metered_s if energy_j is not None and metered_s > 0 else None,
+            **energy_columns([(s.get("energy_j"), s.get("total_seconds") or 0.0) for s in summaries]),
             holdout_bpb=statistics.fmean(holdouts) if holdouts and scored else None,
             worker=(item.slot if item is not None else slot.name if slot else "") if self.ledger_has_worker else "",
             node=(item.node if item is not None else slot.node if slot else "") if self.ledger_has_worker else "")

@@ -545,7 +545,7 @@ class Session:
                 noise_sigma=statistics.stdev(values) if len(values) >= 2 else None,
                 sigma_dof=len(values) - 1 if len(values) >= 2 else None,
                 trainer_sha=trainer_sha, holdout_bpb=summary.get("holdout_bpb"), **_run_columns([run]),
-                **_energy_columns([outcome]),
+                **energy_columns([(outcome.energy_j, outcome.seconds)]),
             )
             with deferred_interrupt():
                 self._append(row)
@@ -776,7 +776,7 @@ class Session:
             noise_sigma=decision.sigma if decision else standing.sigma,
             sigma_dof=decision.dof if decision else standing.dof,
             holdout_bpb=_mean([o.summary.get("holdout_bpb") for o in good]) if scored else None,
-            **_run_columns(counted), voids=voids, **_energy_columns(outcomes),
+            **_run_columns(counted), voids=voids, **energy_columns([(o.energy_j, o.seconds) for o in outcomes]),
         )
         self._settle(candidate if recorded == "keep" else best, row)
         if changed_frozen:
@@ -815,7 +815,7 @@ class Session:
             description=f"re-check of the best ({best[:7]})", seconds=outcome.seconds,
             num_steps=summary.get("num_steps"), tokens_per_sec=summary.get("tokens_per_sec"),
             best_bpb=standing.best_bpb, trainer_sha=standing.best_sha, holdout_bpb=summary.get("holdout_bpb"),
-            **_run_columns([run]), **_energy_columns([outcome]),
+            **_run_columns([run]), **energy_columns([(outcome.energy_j, outcome.seconds)]),
         )
         with deferred_interrupt():
             self._append(row)
@@ -881,13 +881,14 @@ class Session:
             self._append(row)
 
 
-def _energy_columns(outcomes: list[RunOutcome]) -> dict[str, float | None]:
-    """The joules of the experiment's runs and their mean power (None where no counter was read)."""
-    readings = [o.energy_j for o in outcomes if o.energy_j is not None]
-    if not readings:
+def energy_columns(readings: list[tuple[float | None, float]]) -> dict[str, float | None]:
+    """The ledger cells of an experiment's energy: the joules of its runs, given as (joules, seconds)
+    per run, and their mean power; None where no counter was read."""
+    metered = [(joules, seconds) for joules, seconds in readings if joules is not None]
+    if not metered:
         return {"energy_j": None, "mean_watts": None}
-    seconds = sum(o.seconds for o in outcomes if o.energy_j is not None)
-    return {"energy_j": sum(readings), "mean_watts": sum(readings) / seconds if seconds > 0 else None}
+    joules, seconds = sum(j for j, _ in metered), sum(s for _, s in metered)
+    return {"energy_j": joules, "mean_watts": joules / seconds if seconds > 0 else None}
 
 
 def _run_columns(runs: list[Run]) -> dict[str, str]:

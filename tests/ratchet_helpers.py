@@ -84,6 +84,14 @@ def git(root: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
 
 
+def started_session(dest: Path, *options: str, trainer_source: str | None = FAKE_TRAINER, **overrides: str) -> Path:
+    """`make_repo` with session TAG started (`options` go to `session start`), as a fixture's template."""
+    root = make_repo(dest, trainer_source=trainer_source, **overrides)
+    result = cli(root, "session", "start", TAG, *options)
+    assert result.returncode == 0, result.stderr
+    return root
+
+
 def make_repo(dest: Path, trainer_source: str | None = FAKE_TRAINER, constants: dict | None = None,
               **overrides: str) -> Path:
     """A set-up project copy committed in a fresh git repository (as a user's clone would be):

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from ratchet_helpers import TAG, assert_clean_on_branch, cli, ledger, make_repo
+from ratchet_helpers import assert_clean_on_branch, cli, ledger, started_session
 
 from loop.noise import decode
 
@@ -23,10 +23,8 @@ RECHECK_EVERY = 2  # the steady session's --recheck-every (the default, 5, costs
 
 
 def start(tmp_path_factory: pytest.TempPathFactory, max_drift: str, *options: str) -> Path:
-    root = make_repo(tmp_path_factory.mktemp("noise") / "repo", TIME_BUDGET="2", WARMUP_ALLOWANCE="4")
-    result = cli(root, "session", "start", TAG, "--repeats", "2", "--max-drift", max_drift, *options)
-    assert result.returncode == 0, result.stderr
-    return root
+    return started_session(tmp_path_factory.mktemp("noise") / "repo", "--repeats", "2", "--max-drift", max_drift,
+                           *options, TIME_BUDGET="2", WARMUP_ALLOWANCE="4")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from ratchet_helpers import (FAKE_TRAINER, TAG, TRAINER, assert_clean_on_branch, best_commit, cli, cli_env, clone_dir,
-                             git, ledger, make_repo, session_paths)
+                             git, ledger, started_session, session_paths)
 
 from harness.files import sha256_file
 from loop.cluster import worker_resources
@@ -47,11 +47,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def template(test_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = make_repo(tmp_path_factory.mktemp("parallel") / "repo", trainer_source=TRAINER_SOURCE,
-                     TIME_BUDGET="1", WARMUP_ALLOWANCE="8")
-    result = cli(root, "session", "start", TAG, "--repeats", "2")
-    assert result.returncode == 0, result.stderr
-    return root
+    return started_session(tmp_path_factory.mktemp("parallel") / "repo", "--repeats", "2",
+                           trainer_source=TRAINER_SOURCE, TIME_BUDGET="1", WARMUP_ALLOWANCE="8")
 
 
 @pytest.fixture()

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from ratchet_helpers import (TAG, TRAINER, assert_clean_on_branch, best_commit, cli, cli_env, clone_dir, edit, git,
-                             ledger, make_repo, session_paths, set_constant)
+from ratchet_helpers import (TRAINER, assert_clean_on_branch, best_commit, cli, cli_env, clone_dir, edit, git,
+                             ledger, started_session, session_paths, set_constant)
 
 from harness.processes import process_running
 from loop.lock import RepoLock
@@ -28,10 +28,8 @@ BEFORE_FINISH = "    ctx.finish("
 
 @pytest.fixture(scope="module")
 def template(test_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = make_repo(tmp_path_factory.mktemp("integrity") / "repo", TIME_BUDGET="2", WARMUP_ALLOWANCE="4")
-    result = cli(root, "session", "start", TAG, "--repeats", "2")
-    assert result.returncode == 0, result.stderr
-    return root
+    return started_session(tmp_path_factory.mktemp("integrity") / "repo", "--repeats", "2", TIME_BUDGET="2",
+                           WARMUP_ALLOWANCE="4")
 
 
 @pytest.fixture()

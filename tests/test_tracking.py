@@ -8,16 +8,15 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from ratchet_helpers import TAG, cli, ledger, make_repo, set_constant
+from ratchet_helpers import TAG, cli, ledger, started_session, set_constant
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def session(test_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = make_repo(tmp_path_factory.mktemp("tracking") / "repo", TIME_BUDGET="2", WARMUP_ALLOWANCE="4")
-    assert cli(root, "session", "start", TAG, "--repeats", "1").returncode == 0
-    return root
+    return started_session(tmp_path_factory.mktemp("tracking") / "repo", "--repeats", "1", TIME_BUDGET="2",
+                           WARMUP_ALLOWANCE="4")
 
 
 def test_each_experiment_keeps_its_curve_and_the_tracker_logs_it_while_stdout_stays_one_line(session, tmp_path):

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
-from ratchet_helpers import TAG, assert_clean_on_branch, best_commit, cli, edit, git, ledger, make_repo
+from ratchet_helpers import TAG, assert_clean_on_branch, best_commit, cli, edit, git, ledger, started_session
 
 from harness.scoring.confine import plan
 
@@ -26,10 +26,8 @@ LANDLOCK = plan([Path("/")]).active  # whether this machine can confine trainers
 
 @pytest.fixture(scope="module")
 def session(test_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = make_repo(tmp_path_factory.mktemp("trust") / "repo", TIME_BUDGET="2", WARMUP_ALLOWANCE="4")
-    result = cli(root, "session", "start", TAG, "--repeats", "2")
-    assert result.returncode == 0, result.stderr
-    return root
+    return started_session(tmp_path_factory.mktemp("trust") / "repo", "--repeats", "2", TIME_BUDGET="2",
+                           WARMUP_ALLOWANCE="4")
 
 
 def attempt(root: Path, description: str, **env: str) -> tuple[str, str, object]:
